@@ -1,0 +1,45 @@
+# Every target installs what it needs first, so a fresh clone needs nothing but python3.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint format run-agent bench bench-quick soak dist clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check chiffon_worker tests bench
+	$(BIN)/ruff format --check chiffon_worker tests bench
+	$(BIN)/mypy --strict chiffon_worker
+
+format: install
+	$(BIN)/ruff format chiffon_worker tests bench
+	$(BIN)/ruff check --fix chiffon_worker tests bench
+
+run-agent: install
+	$(BIN)/chiffon-worker run --log-format text
+
+bench: install
+	$(BIN)/python -m bench
+
+bench-quick: install
+	$(BIN)/python -m bench --quick
+
+soak: install
+	$(BIN)/pytest -m soak -p no:cacheprovider tests/integration
+
+dist: install
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+
+clean:
+	rm -rf $(VENV) dist build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,388 @@
+"""The only module that imports pika: one broker connection and what it can do.
+
+Everything here runs on the thread that owns the connection (the worker's
+main thread), except `call_threadsafe`, the one door other threads may use.
+pika's exceptions are translated into ours so no other module knows pika.
+
+Delivery tags carry the generation of the channel that delivered them: after
+a reconnect a tag from the old channel is dropped, never acked on the new one
+(where the same number means a different message).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
+from pika.spec import Basic, BasicProperties
+
+from chiffon_worker.config import redact_url
+from chiffon_worker.errors import BrokerAuthError, BrokerUnavailable, ConnectionLost, PublishFailed
+from chiffon_worker.topology import Topology
+
+logger = logging.getLogger(__name__)
+
+CONTENT_TYPE = "application/json"
+PERSISTENT = 2
+TRANSIENT = 1
+
+
+@dataclass(frozen=True)
+class DeliveryTag:
+    generation: int
+    value: int
+
+
+@dataclass(frozen=True)
+class Delivery:
+    tag: DeliveryTag
+    body: bytes
+    reply_to: str | None
+    correlation_id: str | None
+    redelivered: bool
+
+
+@dataclass
+class Outgoing:
+    """A message waiting in the outbox until the broker confirms it."""
+
+    routing_key: str
+    body: bytes
+    priority: int
+    correlation_id: str | None = None
+    persistent: bool = True
+    attempts: int = 0
+
+
+DeliveryHandler = Callable[[Delivery], None]
+
+
+@contextlib.contextmanager
+def _translated(what: str) -> Iterator[None]:
+    """Turn pika's connection/channel failures into ConnectionLost."""
+    try:
+        yield
+    except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
+        raise PublishFailed(f"{what}: broker did not accept the message ({exc!r})") from None
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        raise ConnectionLost(f"{what}: channel closed by broker: {exc.reply_text}") from None
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        raise ConnectionLost(f"{what}: {exc!r}") from None
+
+
+def connection_parameters(url: str, heartbeat: int, blocked_timeout: float) -> pika.URLParameters:
+    params = pika.URLParameters(url)
+    # A heartbeat given in the URL wins: an operator who wrote it meant it.
+    if "heartbeat=" not in url:
+        params.heartbeat = heartbeat
+    if "blocked_connection_timeout=" not in url:
+        params.blocked_connection_timeout = blocked_timeout
+    params.connection_attempts = 1
+    params.retry_delay = 0
+    if "socket_timeout=" not in url:
+        params.socket_timeout = 10
+    return params
+
+
+def open_connection(url: str, heartbeat: int, blocked_timeout: float) -> BlockingConnection:
+    """Open one connection; bad credentials and a broker that is not there differ."""
+    shown = redact_url(url)
+    try:
+        return BlockingConnection(connection_parameters(url, heartbeat, blocked_timeout))
+    except (
+        pika.exceptions.ProbableAuthenticationError,
+        pika.exceptions.AuthenticationError,
+    ) as exc:
+        raise BrokerAuthError(f"broker refused the credentials for {shown}: {exc!r}") from None
+    except pika.exceptions.ProbableAccessDeniedError as exc:
+        raise BrokerAuthError(f"broker refused access to the vhost of {shown}: {exc!r}") from None
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        raise BrokerUnavailable(f"cannot connect to {shown}: {exc!r}") from None
+
+
+def declare(channel: BlockingChannel, topology: Topology) -> None:
+    for exchange in topology.exchanges:
+        channel.exchange_declare(
+            exchange=exchange.name, exchange_type=exchange.kind, durable=exchange.durable
+        )
+    for queue in topology.queues:
+        channel.queue_declare(queue=queue.name, durable=queue.durable, arguments=queue.arguments)
+    for binding in topology.bindings:
+        channel.queue_bind(
+            queue=binding.queue, exchange=binding.exchange, routing_key=binding.routing_key
+        )
+
+
+def properties_for(message: Outgoing, reply_to: str | None = None) -> BasicProperties:
+    return BasicProperties(
+        content_type=CONTENT_TYPE,
+        delivery_mode=PERSISTENT if message.persistent else TRANSIENT,
+        priority=message.priority,
+        correlation_id=message.correlation_id,
+        reply_to=reply_to,
+    )
+
+
+class BrokerLink:
+    """One connection + one confirm-mode channel, reopened by `connect()`."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        topology: Topology,
+        *,
+        prefetch: int,
+        heartbeat: int,
+        blocked_timeout: float,
+        on_delivery: DeliveryHandler,
+        on_consumer_cancelled: Callable[[], None],
+    ) -> None:
+        self._urls = urls
+        self._next_url = 0
+        self._topology = topology
+        self._prefetch = prefetch
+        self._heartbeat = heartbeat
+        self._blocked_timeout = blocked_timeout
+        self._on_delivery = on_delivery
+        self._on_consumer_cancelled = on_consumer_cancelled
+        self._connection: BlockingConnection | None = None
+        self._channel: BlockingChannel | None = None
+        self._consumer_tag: str | None = None
+        self._generation = 0
+        # Guards _connection against a swap while another thread hands over a callback.
+        self._swap_lock = threading.Lock()
+        self.current_url = ""
+
+    # -- connection lifecycle -------------------------------------------------
+
+    def connect(self) -> None:
+        """Try the next node in turn; declare the topology; raise if that fails."""
+        url = self._urls[self._next_url % len(self._urls)]
+        self._next_url += 1
+        connection = open_connection(url, self._heartbeat, self._blocked_timeout)
+        try:
+            with _translated("opening channel"):
+                channel = connection.channel()
+                channel.confirm_delivery()
+                channel.basic_qos(prefetch_count=self._prefetch)
+                declare(channel, self._topology)
+                channel.add_on_cancel_callback(self._broker_cancelled)
+                connection.add_on_connection_blocked_callback(self._blocked)
+                connection.add_on_connection_unblocked_callback(self._unblocked)
+        except ConnectionLost:
+            _close_quietly(connection)
+            raise
+        with self._swap_lock:
+            self._connection = connection
+            self._channel = channel
+            self._generation += 1
+        self._consumer_tag = None
+        self.current_url = redact_url(url)
+
+    @property
+    def is_open(self) -> bool:
+        connection = self._connection
+        return connection is not None and connection.is_open
+
+    @property
+    def consuming(self) -> bool:
+        return self._consumer_tag is not None
+
+    def close(self) -> None:
+        with self._swap_lock:
+            connection, self._connection, self._channel = self._connection, None, None
+        self._consumer_tag = None
+        if connection is not None:
+            _close_quietly(connection)
+
+    def drop(self) -> None:
+        """Forget a connection that already failed (closing it again would raise)."""
+        self.close()
+
+    # -- consuming ------------------------------------------------------------
+
+    def start_consuming(self) -> None:
+        if self._consumer_tag is not None:
+            return
+        channel = self._require_channel()
+        generation = self._generation
+        with _translated("basic.consume"):
+            self._consumer_tag = channel.basic_consume(
+                queue=self._topology.work_queue,
+                on_message_callback=lambda _ch, method, props, body: self._deliver(
+                    generation, method, props, body
+                ),
+            )
+
+    def stop_consuming(self) -> None:
+        """Cancel our consumer; pika requeues deliveries it had not handed to us yet."""
+        tag, self._consumer_tag = self._consumer_tag, None
+        if tag is None or self._channel is None:
+            return
+        with _translated("basic.cancel"):
+            self._channel.basic_cancel(tag)
+
+    def _deliver(
+        self, generation: int, method: Basic.Deliver, props: BasicProperties, body: bytes
+    ) -> None:
+        self._on_delivery(
+            Delivery(
+                tag=DeliveryTag(generation, method.delivery_tag),
+                body=body,
+                reply_to=props.reply_to,
+                correlation_id=props.correlation_id,
+                redelivered=bool(method.redelivered),
+            )
+        )
+
+    def _broker_cancelled(self, _frame: Any) -> None:
+        self._consumer_tag = None
+        self._on_consumer_cancelled()
+
+    def _blocked(self, _connection: Any, _frame: Any) -> None:
+        logger.warning(
+            "broker blocked publishing (memory or disk alarm)",
+            extra={"blocked_connection_timeout": self._blocked_timeout},
+        )
+
+    def _unblocked(self, _connection: Any, _frame: Any) -> None:
+        logger.info("broker unblocked publishing")
+
+    # -- acks -----------------------------------------------------------------
+
+    def is_current(self, tag: DeliveryTag) -> bool:
+        return tag.generation == self._generation and self.is_open
+
+    def ack(self, tag: DeliveryTag) -> bool:
+        """Ack on the channel that delivered it; False (and nothing sent) if that is gone."""
+        if not self.is_current(tag):
+            return False
+        with _translated("basic.ack"):
+            self._require_channel().basic_ack(delivery_tag=tag.value)
+        return True
+
+    def reject(self, tag: DeliveryTag, *, requeue: bool) -> bool:
+        if not self.is_current(tag):
+            return False
+        with _translated("basic.reject"):
+            self._require_channel().basic_reject(delivery_tag=tag.value, requeue=requeue)
+        return True
+
+    # -- publishing -----------------------------------------------------------
+
+    def publish(self, message: Outgoing) -> None:
+        """Publish to the default exchange and wait for the broker's confirm."""
+        channel = self._require_channel()
+        with _translated("basic.publish"):
+            channel.basic_publish(
+                exchange="",
+                routing_key=message.routing_key,
+                body=message.body,
+                properties=properties_for(message),
+                mandatory=True,
+            )
+
+    # -- the event loop and the cross-thread door -----------------------------
+
+    def process(self, time_limit: float) -> None:
+        """Service the socket: heartbeats, deliveries, handed-over callbacks, timers."""
+        connection = self._connection
+        if connection is None:
+            raise ConnectionLost("not connected")
+        with _translated("connection"):
+            connection.process_data_events(time_limit=time_limit)
+
+    def call_threadsafe(self, callback: Callable[[], None]) -> bool:
+        """Run `callback` on the connection's thread soon; False if not connected."""
+        with self._swap_lock:
+            connection = self._connection
+            if connection is None or not connection.is_open:
+                return False
+            try:
+                connection.add_callback_threadsafe(callback)
+            except (pika.exceptions.AMQPError, OSError, RuntimeError):
+                return False
+            return True
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> int | None:
+        connection = self._connection
+        if connection is None:
+            return None
+        return int(connection.call_later(delay, callback))
+
+    def cancel_timer(self, timer: int | None) -> None:
+        connection = self._connection
+        if timer is not None and connection is not None:
+            connection.remove_timeout(timer)
+
+    def _require_channel(self) -> BlockingChannel:
+        channel = self._channel
+        if channel is None or not channel.is_open:
+            raise ConnectionLost("channel is not open")
+        return channel
+
+
+def _close_quietly(connection: BlockingConnection) -> None:
+    with contextlib.suppress(pika.exceptions.AMQPError, OSError):
+        if connection.is_open:
+            connection.close()
+
+
+class RequestClient:
+    """A small publisher/waiter for the `send` command and tests: not the worker."""
+
+    def __init__(self, url: str, topology: Topology, heartbeat: int = 30) -> None:
+        self._connection = open_connection(url, heartbeat, blocked_timeout=30.0)
+        self._channel = self._connection.channel()
+        self._channel.confirm_delivery()
+        declare(self._channel, topology)
+        self._topology = topology
+        self._reply_queue: str | None = None
+        self._replies: list[bytes] = []
+
+    def open_reply_queue(self) -> str:
+        """An exclusive server-named queue that the worker answers to via reply_to."""
+        result = self._channel.queue_declare(queue="", exclusive=True, auto_delete=True)
+        self._reply_queue = str(result.method.queue)
+        self._channel.basic_consume(
+            queue=self._reply_queue,
+            on_message_callback=lambda _ch, _m, _p, body: self._replies.append(body),
+            auto_ack=True,
+        )
+        return self._reply_queue
+
+    def send(self, body: bytes, priority: int, correlation_id: str) -> None:
+        message = Outgoing(
+            routing_key=self._topology.work_queue,
+            body=body,
+            priority=priority,
+            correlation_id=correlation_id,
+            persistent=priority >= 4,
+        )
+        with _translated("basic.publish"):
+            self._channel.basic_publish(
+                exchange="",
+                routing_key=message.routing_key,
+                body=message.body,
+                properties=properties_for(message, reply_to=self._reply_queue),
+                mandatory=True,
+            )
+
+    def next_reply(self, timeout: float) -> bytes | None:
+        """The next message on our reply queue, or None after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        with _translated("waiting for a reply"):
+            while not self._replies and (left := deadline - time.monotonic()) > 0:
+                self._connection.process_data_events(time_limit=left)
+        return self._replies.pop(0) if self._replies else None
+
+    def close(self) -> None:
+        _close_quietly(self._connection)

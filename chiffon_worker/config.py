@@ -1,0 +1,212 @@
+"""One settings model for the worker, and loading it from its four sources.
+
+Precedence, later wins: defaults < env file < CHIFFON_* variables < flags.
+A bad value becomes a ConfigError whose message names the setting.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from chiffon_worker.errors import ConfigError
+from chiffon_worker.protocol import AgentType
+
+ENV_PREFIX = "CHIFFON_"
+DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
+DEFAULT_WORKER = "chiffon_worker.echo:EchoWorker"
+# systemd's LoadCredential puts secrets here; the name is the credential id.
+CREDENTIAL_NAME = "amqp-password"
+
+
+class Settings(BaseModel):
+    """Every setting of the worker, each with a default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    amqp_url: str = DEFAULT_AMQP_URL
+    amqp_password_file: Path | None = None
+    amqp_heartbeat: int = Field(default=30, ge=0, le=3600)
+    blocked_connection_timeout: float = Field(default=60.0, gt=0)
+    agent_type: AgentType = "infra"
+    agent_id: uuid.UUID | None = None
+    heartbeat_interval: float = Field(default=60.0, gt=0)
+    prefetch: int = Field(default=1, ge=1, le=1000)
+    ack_mode: Literal["early", "late"] = "early"
+    shutdown_timeout: float = Field(default=30.0, ge=0)
+    idempotency_ttl: float = Field(default=300.0, gt=0)
+    idempotency_size: int = Field(default=1000, ge=1)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    worker: str = Field(default=DEFAULT_WORKER, pattern=r"^[\w.]+:[\w]+$")
+    work_queue: str = Field(default="work_queue", min_length=1, max_length=255)
+    reply_queue: str = Field(default="reply_queue", min_length=1, max_length=255)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    default_max_duration: float | None = Field(default=None, gt=0)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _urls_look_like_amqp(cls, value: str) -> str:
+        for url in split_urls(value):
+            if urlsplit(url).scheme not in ("amqp", "amqps"):
+                raise ValueError("each URL must start with amqp:// or amqps://")
+        if not split_urls(value):
+            raise ValueError("no broker URL given")
+        return value
+
+    def broker_urls(self) -> list[str]:
+        """The node URLs to try in turn, with the password from a file where one is set."""
+        password = self.broker_password()
+        urls = split_urls(self.amqp_url)
+        if password is None:
+            return urls
+        return [with_password(url, password) for url in urls]
+
+    def broker_password(self) -> str | None:
+        path = self.amqp_password_file
+        if path is None:
+            return None
+        try:
+            return path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"CHIFFON_AMQP_PASSWORD_FILE: cannot read {path}: {exc.strerror}"
+            ) from None
+
+    def secrets(self) -> list[str]:
+        """Strings that must never reach a log line."""
+        found = [p for p in (url_password(u) for u in split_urls(self.amqp_url)) if p]
+        from_file = self.broker_password()
+        if from_file:
+            found.append(from_file)
+        return found
+
+    def resolved_agent_id(self) -> uuid.UUID:
+        """A stable id: configured, else derived from host, agent type and queue."""
+        if self.agent_id is not None:
+            return self.agent_id
+        name = f"chiffon-worker/{socket.getfqdn()}/{self.agent_type}/{self.work_queue}"
+        return uuid.uuid5(uuid.NAMESPACE_DNS, name)
+
+
+def split_urls(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def url_password(url: str) -> str | None:
+    password = urlsplit(url).password
+    return unquote(password) if password else None
+
+
+def with_password(url: str, password: str) -> str:
+    parts = urlsplit(url)
+    user = parts.username or "guest"
+    host = parts.hostname or "localhost"
+    port = f":{parts.port}" if parts.port else ""
+    netloc = f"{user}:{quote(password, safe='')}@{host}{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def redact_url(url: str) -> str:
+    """The URL as it may appear in a log: password replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    netloc = f"{parts.username}:***@{host}{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Parse a systemd-style EnvironmentFile: KEY=VALUE lines, # comments, optional quotes."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--env-file: cannot read {path}: {exc.strerror}") from None
+    values: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        line = line.removeprefix("export ")
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--env-file: {path} line {number} is not KEY=VALUE")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+def _from_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    fields = Settings.model_fields
+    picked: dict[str, str] = {}
+    for key, value in environ.items():
+        if key.startswith(ENV_PREFIX):
+            name = key[len(ENV_PREFIX) :].lower()
+            if name in fields:
+                picked[name] = value
+    return picked
+
+
+def _credential_password_file(environ: Mapping[str, str]) -> dict[str, str]:
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        return {}
+    candidate = Path(directory) / CREDENTIAL_NAME
+    return {"amqp_password_file": str(candidate)} if candidate.is_file() else {}
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    name = str(first["loc"][0]) if first["loc"] else "setting"
+    value = first.get("input")
+    shown = "" if name in ("amqp_url",) or isinstance(value, dict) else f" (got {value!r})"
+    return f"{ENV_PREFIX}{name.upper()}: {first['msg']}{shown}"
+
+
+def load_settings(
+    env_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Merge the four sources, later wins, and validate once."""
+    environ = os.environ if environ is None else environ
+    merged: dict[str, Any] = {}
+    merged.update(_credential_password_file(environ))
+    if env_file is not None:
+        merged.update(_from_environment(read_env_file(env_file)))
+    merged.update(_from_environment(environ))
+    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    # An empty value in an env file means "use the default", as systemd users expect.
+    merged = {k: v for k, v in merged.items() if v != ""}
+    try:
+        settings = Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    settings.broker_password()  # an unreadable password file is a start-up error
+    return settings
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """CHIFFON_* names we do not know: most likely typos worth a warning."""
+    fields = Settings.model_fields
+    return sorted(
+        key
+        for key in environ
+        if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() not in fields
+    )

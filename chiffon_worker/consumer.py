@@ -1,0 +1,398 @@
+"""Deliveries in, results out: validate, ack or reject, dispatch, answer.
+
+Runs on the connection thread only (the link calls it), except the few
+methods marked thread-safe. Knows the broker through BrokerLink's methods,
+never through pika.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from chiffon_worker.amqp import Delivery, DeliveryTag, Outgoing
+from chiffon_worker.config import Settings
+from chiffon_worker.errors import InvalidMessage, PublishFailed
+from chiffon_worker.idempotency import ClaimState, IdempotencyCache
+from chiffon_worker.log import message_context
+from chiffon_worker.protocol import (
+    ERROR_INVALID_MESSAGE,
+    ERROR_TIMEOUT,
+    ERROR_UNSUPPORTED_WORK_TYPE,
+    Envelope,
+    ErrorMessage,
+    Payload,
+    WorkResult,
+    encode,
+    make_envelope,
+    parse_work_request,
+)
+from chiffon_worker.tasks import Task, WorkThreads
+
+logger = logging.getLogger(__name__)
+
+# How long the connection thread waits for a task that may finish at once
+# before going back to the broker. Short work then needs no thread handoff;
+# long work delays AMQP heartbeats by at most this much.
+FAST_PATH_SECONDS = 0.05
+# A delivery that arrives while every slot is busy is kept this long in case
+# the running task is about to finish; after that it goes back to the queue
+# for an idle worker.
+HOLD_GRACE_SECONDS = 1.0
+MAX_PUBLISH_ATTEMPTS = 3
+
+
+class Link(Protocol):
+    """What the consumer needs from the broker connection (BrokerLink)."""
+
+    @property
+    def is_open(self) -> bool: ...
+    @property
+    def consuming(self) -> bool: ...
+    def start_consuming(self) -> None: ...
+    def stop_consuming(self) -> None: ...
+    def ack(self, tag: DeliveryTag) -> bool: ...
+    def reject(self, tag: DeliveryTag, *, requeue: bool) -> bool: ...
+    def publish(self, message: Outgoing) -> None: ...
+    def call_threadsafe(self, callback: Callable[[], None]) -> bool: ...
+    def call_later(self, delay: float, callback: Callable[[], None]) -> int | None: ...
+    def cancel_timer(self, timer: int | None) -> None: ...
+
+
+@dataclass
+class OutboxEntry:
+    message: Outgoing
+    # Late-ack deliveries to ack once the broker has confirmed this message.
+    acks: list[DeliveryTag] = field(default_factory=list)
+
+
+class RequestConsumer:
+    def __init__(
+        self,
+        link: Link,
+        settings: Settings,
+        agent_id: str,
+        run_task: Callable[[Task], WorkResult],
+    ) -> None:
+        self._link = link
+        self._settings = settings
+        self._agent_id = agent_id
+        self._slots = settings.prefetch
+        self._late_ack = settings.ack_mode == "late"
+        self._cache: IdempotencyCache[WorkResult] = IdempotencyCache(
+            settings.idempotency_size, settings.idempotency_ttl
+        )
+        self._running: dict[str, Task] = {}
+        self._held: deque[Delivery] = deque()
+        self._hold_timer: int | None = None
+        self._outbox: deque[OutboxEntry] = deque()
+        self._handed_over: queue.SimpleQueue[Task] = queue.SimpleQueue()
+        self._taking = True
+        self._threads = WorkThreads(self._slots, run_task, self._hand_over)
+
+    # -- state other threads may read ----------------------------------------
+
+    def current_task_ids(self) -> list[str]:
+        return [str(task.request.task_id) for task in list(self._running.values())]
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._running)
+
+    # -- link events (connection thread) -------------------------------------
+
+    def on_connected(self) -> None:
+        """Fresh channel: flush what waited, then consume if we have room."""
+        self._drain_handed_over()
+        self.flush_outbox()
+        if self._taking and len(self._running) < self._slots:
+            self._link.start_consuming()
+
+    def on_connection_lost(self) -> None:
+        # Held deliveries were never acked: the broker requeues them itself.
+        self._held.clear()
+        self._hold_timer = None
+
+    def stop_taking(self) -> None:
+        """Shutdown: no new work; give held deliveries back to the queue."""
+        self._taking = False
+        if self._link.is_open:
+            self._link.stop_consuming()
+            self._return_held()
+
+    def close(self) -> None:
+        self._threads.stop()
+
+    def on_delivery(self, delivery: Delivery) -> None:
+        if not self._taking:
+            self._link.reject(delivery.tag, requeue=True)
+        elif len(self._running) >= self._slots:
+            self._hold(delivery)
+        else:
+            self._accept(delivery)
+
+    # -- holding a delivery while busy ---------------------------------------
+
+    def _hold(self, delivery: Delivery) -> None:
+        self._held.append(delivery)
+        if self._hold_timer is None:
+            self._hold_timer = self._link.call_later(HOLD_GRACE_SECONDS, self._release_held)
+
+    def _release_held(self) -> None:
+        self._hold_timer = None
+        if not self._held:
+            return
+        # Cancel first, or the broker hands the message straight back to us.
+        self._link.stop_consuming()
+        count = self._return_held()
+        logger.info("busy: returned waiting deliveries to the queue", extra={"count": count})
+
+    def _return_held(self) -> int:
+        self._link.cancel_timer(self._hold_timer)
+        self._hold_timer = None
+        count = 0
+        while self._held:
+            count += self._link.reject(self._held.popleft().tag, requeue=True)
+        return count
+
+    def _slot_freed(self) -> None:
+        if self._held:
+            if len(self._held) == 1:
+                self._link.cancel_timer(self._hold_timer)
+                self._hold_timer = None
+            self._accept(self._held.popleft())
+        elif self._taking and self._link.is_open and not self._link.consuming:
+            self._link.start_consuming()
+
+    # -- validating and dispatching ------------------------------------------
+
+    def _accept(self, delivery: Delivery) -> None:
+        if len(delivery.body) > self._settings.max_body_bytes:
+            self._dead_letter(
+                delivery,
+                InvalidMessage(
+                    f"body of {len(delivery.body)} bytes exceeds the "
+                    f"{self._settings.max_body_bytes}-byte limit"
+                ),
+            )
+            return
+        try:
+            envelope, request = parse_work_request(delivery.body)
+        except InvalidMessage as problem:
+            self._dead_letter(delivery, problem)
+            return
+        with message_context(
+            trace_id=envelope.trace_id, request_id=envelope.request_id, task_id=request.task_id
+        ):
+            if envelope.to_agent != self._settings.agent_type:
+                self._wrong_agent(delivery, envelope)
+                return
+            if not self._late_ack:
+                self._link.ack(delivery.tag)
+            self._dispatch(delivery, envelope, Task(delivery, envelope, request))
+
+    def _dispatch(self, delivery: Delivery, envelope: Envelope, task: Task) -> None:
+        claim = self._cache.claim(task.request_id)
+        if claim.state is ClaimState.DONE:
+            assert claim.result is not None
+            logger.info("duplicate request: sending the cached result")
+            self._queue_result(claim.result, delivery, envelope, self._late_acks(delivery))
+            self.flush_outbox()
+        elif claim.state is ClaimState.IN_FLIGHT:
+            logger.info("duplicate request while the first is running: will answer both")
+            self._running[task.request_id].duplicates.append((delivery, envelope))
+        else:
+            self._start(task)
+
+    def _start(self, task: Task) -> None:
+        hint = task.request.hints.get("max_duration_seconds")
+        limit = hint if isinstance(hint, int | float) and hint > 0 else None
+        limit = limit or self._settings.default_max_duration
+        if limit:
+            task.deadline = task.started + float(limit)
+        self._running[task.request_id] = task
+        self._threads.submit(task)
+        if task.wait_briefly(FAST_PATH_SECONDS):
+            self._complete(task)
+
+    # -- finished work --------------------------------------------------------
+
+    def _hand_over(self, task: Task) -> None:
+        """Work thread: the connection thread stopped waiting; wake it up."""
+        self._handed_over.put(task)
+        # If we are disconnected the task waits in the queue; on_connected drains it.
+        self._link.call_threadsafe(self._drain_handed_over)
+
+    def _drain_handed_over(self) -> None:
+        while True:
+            try:
+                task = self._handed_over.get_nowait()
+            except queue.Empty:
+                return
+            if not task.abandoned:
+                self._complete(task)
+
+    def _complete(self, task: Task) -> None:
+        assert task.result is not None
+        self._running.pop(task.request_id, None)
+        self._cache.complete(task.request_id, task.result)
+        self._answer_all(task, task.result)
+        self.flush_outbox()
+        self._slot_freed()
+
+    def _answer_all(self, task: Task, result: WorkResult) -> None:
+        # A late-ack redelivery of the very same message (same message_id) is
+        # one request: one result, and both deliveries acked after it.
+        first_acks = self._late_acks(task.delivery)
+        others: list[tuple[Delivery, Envelope]] = []
+        for delivery, envelope in task.duplicates:
+            if envelope.message_id == task.envelope.message_id:
+                first_acks += self._late_acks(delivery)
+            else:
+                others.append((delivery, envelope))
+        self._queue_result(result, task.delivery, task.envelope, first_acks)
+        for delivery, envelope in others:
+            self._queue_result(result, delivery, envelope, self._late_acks(delivery))
+
+    def check_deadlines(self, now: float) -> None:
+        """Fail tasks that outlived max_duration_seconds; their thread is replaced."""
+        for task in list(self._running.values()):
+            if task.deadline is None or now < task.deadline or task.abandoned:
+                continue
+            task.abandoned = True
+            limit = task.deadline - task.started
+            with message_context(
+                trace_id=task.envelope.trace_id,
+                request_id=task.envelope.request_id,
+                task_id=task.request.task_id,
+            ):
+                logger.error(
+                    "work exceeded its time limit: failing it, its thread is left behind",
+                    extra={"max_duration_seconds": limit, "error_code": ERROR_TIMEOUT},
+                )
+            task.result = WorkResult.failed(
+                task.request,
+                f"error {ERROR_TIMEOUT}: timeout, work ran longer than {limit:g} s",
+                duration_ms=int(limit * 1000),
+                agent_id=self._agent_id,
+                trace_id=task.envelope.trace_id,
+                request_id=task.envelope.request_id,
+            )
+            self._threads.add_thread()
+            self._complete(task)
+
+    # -- answers --------------------------------------------------------------
+
+    def _late_acks(self, delivery: Delivery) -> list[DeliveryTag]:
+        return [delivery.tag] if self._late_ack else []
+
+    def _reply(
+        self,
+        payload: Payload,
+        delivery: Delivery,
+        envelope_ids: Envelope | dict[str, str],
+        acks: list[DeliveryTag],
+        priority: int = 3,
+    ) -> None:
+        if isinstance(envelope_ids, Envelope):
+            trace_id, request_id = envelope_ids.trace_id, envelope_ids.request_id
+            to_agent: str = envelope_ids.from_agent
+        else:
+            trace_id = envelope_ids["trace_id"]  # type: ignore[assignment]
+            request_id = envelope_ids["request_id"]  # type: ignore[assignment]
+            to_agent = envelope_ids.get("from_agent", "orchestrator")
+        envelope = make_envelope(
+            payload,
+            from_agent=self._settings.agent_type,
+            to_agent=to_agent,
+            trace_id=trace_id,
+            request_id=request_id,
+            priority=priority,
+        )
+        message = Outgoing(
+            routing_key=delivery.reply_to or self._settings.reply_queue,
+            body=encode(envelope),
+            priority=priority,
+            correlation_id=delivery.correlation_id,
+        )
+        self._outbox.append(OutboxEntry(message, acks))
+
+    def _queue_result(
+        self,
+        result: WorkResult,
+        delivery: Delivery,
+        envelope: Envelope,
+        acks: list[DeliveryTag],
+    ) -> None:
+        # A duplicate's answer carries its own trace_id, not the first one's.
+        if result.trace_id != envelope.trace_id:
+            result = result.model_copy(update={"trace_id": envelope.trace_id})
+        self._reply(result, delivery, envelope, acks, priority=envelope.priority)
+
+    def _dead_letter(self, delivery: Delivery, problem: InvalidMessage) -> None:
+        with message_context(**problem.ids):
+            logger.warning("invalid message dead-lettered", extra={"reason": problem.reason})
+            self._link.reject(delivery.tag, requeue=False)
+            if problem.ids:
+                error = ErrorMessage(
+                    error_code=ERROR_INVALID_MESSAGE,
+                    error_message=f"invalid message: {problem.reason}",
+                    context={"reason": problem.reason},
+                )
+                self._reply(error, delivery, problem.ids, [])
+                self.flush_outbox()
+
+    def _wrong_agent(self, delivery: Delivery, envelope: Envelope) -> None:
+        reason = (
+            f"request is for agent type {envelope.to_agent!r} but this worker is "
+            f"{self._settings.agent_type!r}"
+        )
+        logger.warning("request for another agent type dead-lettered", extra={"reason": reason})
+        self._link.reject(delivery.tag, requeue=False)
+        error = ErrorMessage(
+            error_code=ERROR_UNSUPPORTED_WORK_TYPE,
+            error_message=reason,
+            context={"to_agent": envelope.to_agent, "agent_type": self._settings.agent_type},
+        )
+        self._reply(error, delivery, envelope, [])
+        self.flush_outbox()
+
+    # -- outbox ---------------------------------------------------------------
+
+    def send_threadsafe(self, payload: Payload, task: Task) -> None:
+        """Work thread: queue a progress message for this task and wake the link."""
+        self._reply(payload, task.delivery, task.envelope, [], priority=task.envelope.priority)
+        self._link.call_threadsafe(self.flush_outbox)
+
+    def flush_outbox(self) -> None:
+        """Publish queued messages in order; each leaves the outbox only once confirmed."""
+        while self._outbox and self._link.is_open:
+            entry = self._outbox[0]
+            try:
+                self._link.publish(entry.message)
+            except PublishFailed as exc:
+                entry.message.attempts += 1
+                if entry.message.attempts < MAX_PUBLISH_ATTEMPTS:
+                    logger.warning("publish not confirmed, will retry", extra={"reason": str(exc)})
+                    return
+                logger.error(
+                    "publish failed for good: message dropped",
+                    extra={"reason": str(exc), "routing_key": entry.message.routing_key},
+                )
+            self._outbox.popleft()
+            for tag in entry.acks:
+                self._link.ack(tag)
+
+    def publish_now(self, message: Outgoing) -> None:
+        """Heartbeats: best effort, never queued (the next one supersedes it)."""
+        try:
+            self._link.publish(message)
+        except PublishFailed as exc:
+            logger.warning("heartbeat not confirmed", extra={"reason": str(exc)})
+
+    def pending(self) -> int:
+        return len(self._outbox)

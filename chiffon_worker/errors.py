@@ -1,0 +1,57 @@
+"""The worker's exceptions and the process exit codes they map to."""
+
+from __future__ import annotations
+
+# Exit codes follow sysexits(3) so systemd's RestartPreventExitStatus can tell
+# "fix the configuration" apart from "the broker went away, try again".
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_TIMEOUT = 3
+EXIT_UNAVAILABLE = 69
+EXIT_NOPERM = 77
+EXIT_CONFIG = 78
+
+
+class ChiffonError(Exception):
+    """Base class of every error the worker raises on purpose."""
+
+    exit_code = EXIT_FAILED
+
+
+class ConfigError(ChiffonError):
+    """A setting is missing or has a bad value; the message names the setting."""
+
+    exit_code = EXIT_CONFIG
+
+
+class BrokerAuthError(ChiffonError):
+    """The broker refused our credentials or vhost: retrying will not help."""
+
+    exit_code = EXIT_NOPERM
+
+
+class BrokerUnavailable(ChiffonError):
+    """No broker node could be reached (yet)."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+class ConnectionLost(ChiffonError):
+    """An established broker connection or channel went away."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+class PublishFailed(ChiffonError):
+    """The broker did not confirm a message (nacked or unroutable)."""
+
+
+class InvalidMessage(ChiffonError):
+    """A delivery does not follow the protocol; it is dead-lettered."""
+
+    def __init__(self, reason: str, ids: dict[str, str] | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        # trace_id/request_id/from_agent when they could be read, so an error
+        # reply can still reach whoever sent the broken message.
+        self.ids = ids or {}

@@ -1,0 +1,100 @@
+"""Work threads: run tasks off the connection thread, hand each result back once.
+
+A finished task reaches the connection thread by exactly one of two doors:
+either that thread is still waiting briefly for it (short work: no handoff at
+all, so an echo costs no more than bare pika), or the work thread hands it
+over with one callback. The lock makes sure it is one door, never both.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from chiffon_worker.amqp import Delivery
+from chiffon_worker.protocol import Envelope, WorkRequest, WorkResult
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Task:
+    delivery: Delivery
+    envelope: Envelope
+    request: WorkRequest
+    started: float = field(default_factory=time.monotonic)
+    deadline: float | None = None
+    result: WorkResult | None = None
+    # Duplicates (same request_id) that arrived while this task ran.
+    duplicates: list[tuple[Delivery, Envelope]] = field(default_factory=list)
+    progress_step: int = 0
+    abandoned: bool = False
+    _done: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _caller_waiting: bool = True
+    _finished: bool = False
+
+    @property
+    def request_id(self) -> str:
+        return str(self.envelope.request_id)
+
+    def finish(self, result: WorkResult) -> bool:
+        """Called by the work thread; True if it must hand the task over itself."""
+        self.result = result
+        with self._lock:
+            self._finished = True
+            hand_over = not self._caller_waiting
+        self._done.set()
+        return hand_over
+
+    def wait_briefly(self, seconds: float) -> bool:
+        """Called by the connection thread; True if it now owns the finished task."""
+        self._done.wait(seconds)
+        with self._lock:
+            if self._finished:
+                return True
+            self._caller_waiting = False
+            return False
+
+
+Runner = Callable[[Task], WorkResult]
+
+
+class WorkThreads:
+    """A fixed set of daemon threads taking tasks from one queue.
+
+    Daemon threads, because a work function that never returns must not keep
+    the process alive after shutdown gave up on it.
+    """
+
+    def __init__(self, count: int, run: Runner, hand_over: Callable[[Task], None]) -> None:
+        self._run = run
+        self._hand_over = hand_over
+        self._queue: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        for _ in range(count):
+            self.add_thread()
+
+    def add_thread(self) -> None:
+        """Start one more thread (to replace one stuck in a task that timed out)."""
+        number = len(self._threads) + 1
+        thread = threading.Thread(target=self._loop, name=f"chiffon-work-{number}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def submit(self, task: Task) -> None:
+        self._queue.put(task)
+
+    def stop(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+
+    def _loop(self) -> None:
+        while (task := self._queue.get()) is not None:
+            result = self._run(task)
+            if task.finish(result):
+                self._hand_over(task)

@@ -1,0 +1,399 @@
+"""WorkerBase, the class users subclass, and the loop that keeps it connected.
+
+The thread that calls `run()` owns the broker connection: it services the
+socket, and every other thread (work, heartbeat) reaches the broker only by
+handing a callback to it. It reconnects with capped, jittered backoff, and on
+a stop request finishes the running work before it says goodbye.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import uuid
+from types import FrameType
+from typing import Any, ClassVar
+
+from chiffon_worker.amqp import BrokerLink, Outgoing
+from chiffon_worker.config import Settings, load_settings, unknown_variables
+from chiffon_worker.consumer import RequestConsumer
+from chiffon_worker.errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    BrokerAuthError,
+    BrokerUnavailable,
+    ChiffonError,
+    ConfigError,
+    ConnectionLost,
+)
+from chiffon_worker.heartbeat import HeartbeatThread
+from chiffon_worker.log import message_context, setup_logging
+from chiffon_worker.metrics import HostMetrics, peak_memory_mb
+from chiffon_worker.protocol import (
+    HEARTBEAT_PRIORITY,
+    StatusUpdate,
+    WorkRequest,
+    WorkResult,
+    WorkStatus,
+    encode,
+    make_envelope,
+)
+from chiffon_worker.sdnotify import SystemdNotifier
+from chiffon_worker.tasks import Task
+from chiffon_worker.topology import chiffon_topology
+
+logger = logging.getLogger(__name__)
+
+# Longest the loop stays inside pika before it looks at stop requests,
+# deadlines and the watchdog again.
+LOOP_TICK_SECONDS = 0.5
+BACKOFF_FIRST_SECONDS = 0.5
+BACKOFF_CAP_SECONDS = 30.0
+
+
+class Backoff:
+    """Exponential delays with full jitter, capped (the AWS "full jitter" scheme)."""
+
+    def __init__(self, first: float = BACKOFF_FIRST_SECONDS, cap: float = BACKOFF_CAP_SECONDS):
+        self._first = first
+        self._cap = cap
+        self.attempt = 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self._cap, self._first * 2**self.attempt)
+        self.attempt += 1
+        return random.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class WorkerBase(abc.ABC):
+    """Subclass this: implement `execute_work` and `get_agent_capabilities`.
+
+    Both are plain synchronous methods. `execute_work` runs on a work thread;
+    it may call `self.report_progress(...)`. Everything else (connection,
+    validation, acks, deduplication, heartbeats, shutdown) is done here.
+    """
+
+    #: the status code a forced exit (second signal) uses
+    FORCED_EXIT_CODE: ClassVar[int] = EXIT_FAILED
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings if settings is not None else load_settings()
+        self.agent_id = self.settings.resolved_agent_id()
+        self._capabilities = self.get_agent_capabilities()
+        self._work_types = frozenset(self._capabilities.get("work_types", ()))
+        self._stop = threading.Event()
+        self._signals = 0
+        self._current = threading.local()
+        self._notifier = SystemdNotifier()
+        self._link = BrokerLink(
+            self.settings.broker_urls(),
+            chiffon_topology(self.settings.work_queue, self.settings.reply_queue),
+            prefetch=self.settings.prefetch,
+            heartbeat=self.settings.amqp_heartbeat,
+            blocked_timeout=self.settings.blocked_connection_timeout,
+            on_delivery=self._on_delivery,
+            on_consumer_cancelled=self._on_consumer_cancelled,
+        )
+        self._consumer = RequestConsumer(
+            self._link, self.settings, str(self.agent_id), self._run_task
+        )
+        self._metrics: HostMetrics | None = None
+        self._consumer_cancelled = False
+
+    # -- what a subclass writes ----------------------------------------------
+
+    @abc.abstractmethod
+    def execute_work(self, request: WorkRequest) -> WorkResult:
+        """Do the work; return a WorkResult (raise to report a failure)."""
+
+    @abc.abstractmethod
+    def get_agent_capabilities(self) -> dict[str, Any]:
+        """What this worker can do; must contain "work_types": [...]."""
+
+    # -- helpers a subclass may call -----------------------------------------
+
+    def report_progress(self, percent: float, step_name: str, output: str = "") -> None:
+        """From inside execute_work: publish a WorkStatus for the running task."""
+        task: Task | None = getattr(self._current, "task", None)
+        if task is None:
+            raise RuntimeError("report_progress() is only valid inside execute_work()")
+        task.progress_step += 1
+        status = WorkStatus.model_validate(
+            {
+                "task_id": task.request.task_id,
+                "status": "step_completed" if percent >= 100 else "running",
+                "progress_percent": max(0.0, min(100.0, float(percent))),
+                "step": {"number": task.progress_step, "name": step_name, "output": output},
+            }
+        )
+        self._consumer.send_threadsafe(status, task)
+
+    @property
+    def stopping(self) -> bool:
+        """True once a stop was requested: long work may check it and wrap up."""
+        return self._stop.is_set()
+
+    # -- running a task (work thread) ----------------------------------------
+
+    def _run_task(self, task: Task) -> WorkResult:
+        envelope, request = task.envelope, task.request
+        with message_context(
+            trace_id=envelope.trace_id, request_id=envelope.request_id, task_id=request.task_id
+        ):
+            started = time.monotonic()
+            cpu_started = time.thread_time()
+            result = self._execute_guarded(request, task)
+            duration_ms = int((time.monotonic() - started) * 1000)
+            resources = {
+                "cpu_time_ms": int((time.thread_time() - cpu_started) * 1000),
+                "memory_peak_mb": peak_memory_mb(),
+                **result.resources_used,
+            }
+            logger.info(
+                "work finished",
+                extra={
+                    "work_type": request.work_type,
+                    "status": result.status,
+                    "exit_code": result.exit_code,
+                    "duration_ms": duration_ms,
+                },
+            )
+        return result.model_copy(
+            update={
+                "duration_ms": duration_ms,
+                "agent_id": self.agent_id,
+                "trace_id": envelope.trace_id,
+                "request_id": envelope.request_id,
+                "resources_used": resources,
+            }
+        )
+
+    def _execute_guarded(self, request: WorkRequest, task: Task) -> WorkResult:
+        if self._work_types and request.work_type not in self._work_types:
+            supported = ", ".join(sorted(self._work_types))
+            return WorkResult.failed(
+                request,
+                f"unsupported work_type {request.work_type!r}; supported: {supported}",
+            )
+        self._current.task = task
+        try:
+            result = self.execute_work(request)
+        except Exception as exc:
+            logger.exception("work raised", extra={"work_type": request.work_type})
+            return WorkResult.failed(request, f"{type(exc).__name__}: {exc}")
+        finally:
+            self._current.task = None
+        if not isinstance(result, WorkResult):
+            return WorkResult.failed(
+                request,
+                f"execute_work returned {type(result).__name__}, expected WorkResult",
+            )
+        return result
+
+    # -- heartbeats -----------------------------------------------------------
+
+    def _heartbeat(self, status: str | None = None) -> Outgoing:
+        running = self._consumer.current_task_ids()
+        assert self._metrics is not None
+        update = StatusUpdate.model_validate(
+            {
+                "agent_id": self.agent_id,
+                "agent_type": self.settings.agent_type,
+                "status": status or ("busy" if running else "online"),
+                "current_task_id": running[0] if running else None,
+                "resources": self._metrics.sample(),
+            }
+        )
+        # A heartbeat answers no request: it starts its own trace.
+        beat_id = uuid.uuid4()
+        envelope = make_envelope(
+            update,
+            from_agent=self.settings.agent_type,
+            to_agent="orchestrator",
+            trace_id=beat_id,
+            request_id=beat_id,
+            priority=HEARTBEAT_PRIORITY,
+        )
+        return Outgoing(
+            routing_key=self.settings.reply_queue,
+            body=encode(envelope),
+            priority=HEARTBEAT_PRIORITY,
+        )
+
+    def _send_heartbeat_threadsafe(self, body: bytes) -> bool:
+        message = Outgoing(self.settings.reply_queue, body, HEARTBEAT_PRIORITY)
+        return self._link.call_threadsafe(lambda: self._consumer.publish_now(message))
+
+    # -- link callbacks (connection thread) ----------------------------------
+
+    def _on_delivery(self, delivery: Any) -> None:
+        self._consumer.on_delivery(delivery)
+
+    def _on_consumer_cancelled(self) -> None:
+        self._consumer_cancelled = True
+
+    # -- the loop ---------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop gracefully; safe from any thread or a signal handler."""
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            # Written straight to stderr: the logging lock may be held by the
+            # very code this signal interrupted.
+            os.write(2, b'{"level": "ERROR", "message": "second signal: exiting now"}\n')
+            os._exit(self.FORCED_EXIT_CODE)
+        self._stop.set()
+
+    def run(self) -> int:
+        """Serve until a stop is requested; returns the process exit code."""
+        self._metrics = HostMetrics()
+        heartbeat = HeartbeatThread(
+            self.settings.heartbeat_interval,
+            lambda: self._heartbeat().body,
+            self._send_heartbeat_threadsafe,
+        )
+        heartbeat.start()
+        logger.info(
+            "worker starting",
+            extra={
+                "agent_id": str(self.agent_id),
+                "agent_type": self.settings.agent_type,
+                "work_queue": self.settings.work_queue,
+                "ack_mode": self.settings.ack_mode,
+                "work_types": sorted(self._work_types),
+            },
+        )
+        try:
+            return self._connect_and_serve()
+        finally:
+            heartbeat.stop()
+            self._consumer.close()
+            self._metrics.close()
+            self._link.close()
+
+    def _connect_and_serve(self) -> int:
+        backoff = Backoff()
+        while not self._stop.is_set():
+            try:
+                self._link.connect()
+            except BrokerAuthError as exc:
+                logger.error(
+                    "broker refused us: check the URL, user and vhost", extra={"reason": str(exc)}
+                )
+                return exc.exit_code
+            except (BrokerUnavailable, ConnectionLost) as exc:
+                delay = backoff.next_delay()
+                self._notifier.status(f"reconnecting: {exc}")
+                logger.warning(
+                    "broker not reachable, retrying",
+                    extra={
+                        "reason": str(exc),
+                        "attempt": backoff.attempt,
+                        "retry_in_s": round(delay, 2),
+                    },
+                )
+                self._stop.wait(delay)
+                continue
+            backoff.reset()
+            try:
+                if self._serve():
+                    return EXIT_OK
+            except ConnectionLost as exc:
+                logger.warning("connection lost", extra={"reason": str(exc)})
+                self._notifier.status(f"reconnecting: {exc}")
+                self._link.drop()
+                self._consumer.on_connection_lost()
+        logger.info("stopped while disconnected", extra={"unsent": self._consumer.pending()})
+        self._notifier.stopping()
+        return EXIT_OK
+
+    def _serve(self) -> bool:
+        """Serve one connection; True once a graceful stop completed on it."""
+        logger.info("connected to broker", extra={"url": self._link.current_url})
+        self._consumer_cancelled = False
+        self._consumer.publish_now(self._heartbeat())
+        self._consumer.on_connected()
+        self._notifier.ready(f"connected to {self._link.current_url}, consuming")
+        watchdog_every = self._notifier.watchdog_interval()
+        last_watchdog = 0.0
+        stop_deadline: float | None = None
+        while True:
+            now = time.monotonic()
+            if self._stop.is_set() and stop_deadline is None:
+                stop_deadline = now + self.settings.shutdown_timeout
+                self._begin_stop()
+            if stop_deadline is not None and (not self._consumer.busy or now >= stop_deadline):
+                self._finish_stop(timed_out=self._consumer.busy)
+                return True
+            if self._consumer_cancelled:
+                raise ConnectionLost("broker cancelled our consumer (was the queue deleted?)")
+            if watchdog_every is not None and now - last_watchdog >= watchdog_every:
+                self._notifier.watchdog()
+                last_watchdog = now
+            self._consumer.check_deadlines(now)
+            self._link.process(LOOP_TICK_SECONDS)
+            self._consumer.flush_outbox()
+
+    def _begin_stop(self) -> None:
+        running = self._consumer.current_task_ids()
+        logger.info(
+            "stop requested: finishing running work",
+            extra={"running": running, "shutdown_timeout": self.settings.shutdown_timeout},
+        )
+        self._notifier.stopping("stopping: finishing running work")
+        self._consumer.stop_taking()
+
+    def _finish_stop(self, *, timed_out: bool) -> None:
+        if timed_out:
+            logger.error(
+                "shutdown timeout: giving up on running work",
+                extra={
+                    "running": self._consumer.current_task_ids(),
+                    "ack_mode": self.settings.ack_mode,
+                    "redelivered": self.settings.ack_mode == "late",
+                },
+            )
+        self._consumer.flush_outbox()
+        self._consumer.publish_now(self._heartbeat("offline"))
+        logger.info("stopped", extra={"unsent": self._consumer.pending()})
+        self._link.close()
+
+    # -- entry point for scripts and the CLI ---------------------------------
+
+    @classmethod
+    def serve(cls, settings: Settings | None = None) -> int:
+        """Load settings, set up logging and signals, run; returns an exit code.
+
+        In a script: `raise SystemExit(MyWorker.serve())`.
+        """
+        try:
+            settings = settings if settings is not None else load_settings()
+            setup_logging(settings.log_level, settings.log_format, settings.secrets())
+            for name in unknown_variables(os.environ):
+                logger.warning("unknown setting ignored", extra={"variable": name})
+            worker = cls(settings)
+        except ConfigError as exc:
+            print(f"chiffon-worker: configuration error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        worker.install_signal_handlers()
+        try:
+            return worker.run()
+        except ChiffonError as exc:
+            logger.error("worker failed", extra={"reason": str(exc)})
+            return exc.exit_code

@@ -1,0 +1,183 @@
+"""Test-side broker access: private vhosts, and an orchestrator stand-in."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+import pika
+from pika.adapters.blocking_connection import BlockingChannel
+
+from chiffon_worker.topology import chiffon_topology
+
+HOST = "127.0.0.1"
+PORT = 5672
+
+
+def broker_reachable(host: str = HOST, port: int = PORT) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def rabbitmqctl(*args: str) -> str:
+    done = subprocess.run(
+        ["rabbitmqctl", *args], capture_output=True, text=True, timeout=60, check=True
+    )
+    return done.stdout
+
+
+class Vhost:
+    """A vhost of its own for one test, so no test sees another's messages."""
+
+    def __init__(self) -> None:
+        self.name = f"chiffon-test-{uuid.uuid4().hex[:12]}"
+
+    def url(self, host: str = HOST, port: int = PORT, **query: Any) -> str:
+        base = f"amqp://guest:guest@{host}:{port}/{quote(self.name, safe='')}"
+        if query:
+            base += "?" + "&".join(f"{k}={v}" for k, v in query.items())
+        return base
+
+    def create(self) -> None:
+        rabbitmqctl("add_vhost", self.name)
+        rabbitmqctl("set_permissions", "-p", self.name, "guest", ".*", ".*", ".*")
+
+    def delete(self) -> None:
+        rabbitmqctl("delete_vhost", self.name)
+
+
+def work_request(
+    work_type: str = "echo",
+    parameters: dict[str, Any] | None = None,
+    *,
+    request_id: str | None = None,
+    trace_id: str | None = None,
+    to_agent: str = "infra",
+    priority: int = 3,
+    hints: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A work_request envelope as the orchestrator sends it (plain JSON, on purpose)."""
+    return {
+        "protocol_version": "1.0",
+        "message_id": str(uuid.uuid4()),
+        "from_agent": "orchestrator",
+        "to_agent": to_agent,
+        "timestamp": datetime.now(UTC).isoformat(),
+        "trace_id": trace_id or str(uuid.uuid4()),
+        "request_id": request_id or str(uuid.uuid4()),
+        "type": "work_request",
+        "priority": priority,
+        "payload": {
+            "task_id": str(uuid.uuid4()),
+            "work_type": work_type,
+            "parameters": parameters if parameters is not None else {"message": "hi"},
+            "hints": hints or {},
+        },
+        "x_custom_fields": {},
+    }
+
+
+def is_heartbeat(message: dict[str, Any]) -> bool:
+    return message.get("type") == "work_status" and "agent_id" in message.get("payload", {})
+
+
+def is_result(message: dict[str, Any]) -> bool:
+    return message.get("type") == "work_result"
+
+
+class Orchestrator:
+    """Publishes requests and watches queues, the way the real orchestrator would."""
+
+    def __init__(self, url: str) -> None:
+        self.connection = pika.BlockingConnection(pika.URLParameters(url))
+        self.channel: BlockingChannel = self.connection.channel()
+        self.channel.confirm_delivery()
+        topology = chiffon_topology()
+        for exchange in topology.exchanges:
+            self.channel.exchange_declare(
+                exchange.name, exchange_type=exchange.kind, durable=exchange.durable
+            )
+        for queue in topology.queues:
+            self.channel.queue_declare(queue.name, durable=queue.durable, arguments=queue.arguments)
+        for binding in topology.bindings:
+            self.channel.queue_bind(binding.queue, binding.exchange, binding.routing_key)
+        self.received: dict[str, list[dict[str, Any]]] = {}
+        self.raw: dict[str, list[bytes]] = {}
+        self.properties: dict[str, list[pika.BasicProperties]] = {}
+
+    def publish(
+        self,
+        body: bytes | dict[str, Any],
+        routing_key: str = "work_queue",
+        **properties: Any,
+    ) -> None:
+        data = json.dumps(body).encode() if isinstance(body, dict) else body
+        props = pika.BasicProperties(content_type="application/json", **properties)
+        self.channel.basic_publish("", routing_key, data, props, mandatory=True)
+
+    def watch(self, queue: str) -> None:
+        """Consume `queue` into self.received[queue] (decoded) and self.raw[queue]."""
+        self.received[queue] = []
+        self.raw[queue] = []
+        self.properties[queue] = []
+
+        def on_message(_ch: Any, _method: Any, props: pika.BasicProperties, body: bytes) -> None:
+            self.raw[queue].append(body)
+            self.properties[queue].append(props)
+            try:
+                self.received[queue].append(json.loads(body))
+            except ValueError:
+                self.received[queue].append({"undecodable": body.decode("latin-1")})
+
+        self.channel.basic_consume(queue, on_message, auto_ack=True)
+
+    def wait_until(
+        self, condition: Callable[[], bool], timeout: float, what: str = "condition"
+    ) -> None:
+        """Service the connection until `condition()` holds; fail after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            self.connection.process_data_events(time_limit=min(left, 0.2))
+
+    def results(self, queue: str = "reply_queue") -> list[dict[str, Any]]:
+        return [m for m in self.received.get(queue, []) if is_result(m)]
+
+    def heartbeats(self, queue: str = "reply_queue") -> list[dict[str, Any]]:
+        return [m for m in self.received.get(queue, []) if is_heartbeat(m)]
+
+    def errors(self, queue: str = "reply_queue") -> list[dict[str, Any]]:
+        return [m for m in self.received.get(queue, []) if m.get("type") == "error"]
+
+    def result_for(self, request: dict[str, Any], queue: str = "reply_queue") -> dict[str, Any]:
+        found = [m for m in self.results(queue) if m["request_id"] == request["request_id"]]
+        assert found, f"no result for request {request['request_id']}"
+        return found[-1]
+
+    def wait_for_result(self, request: dict[str, Any], timeout: float = 15) -> dict[str, Any]:
+        rid = request["request_id"]
+        self.wait_until(
+            lambda: any(m["request_id"] == rid for m in self.results()),
+            timeout,
+            f"the result of {request['payload']['work_type']} {rid}",
+        )
+        return self.result_for(request)
+
+    def queue_depth(self, queue: str) -> int:
+        return int(self.channel.queue_declare(queue, passive=True).method.message_count)
+
+    def close(self) -> None:
+        if self.connection.is_open:
+            self.connection.close()

@@ -312,13 +312,14 @@ class BrokerLink:
                 return False
             return True
 
-    def call_later(self, delay: float, callback: Callable[[], None]) -> int | None:
+    def call_later(self, delay: float, callback: Callable[[], None]) -> object | None:
         connection = self._connection
         if connection is None:
             return None
-        return int(connection.call_later(delay, callback))
+        timer: object = connection.call_later(delay, callback)
+        return timer
 
-    def cancel_timer(self, timer: int | None) -> None:
+    def cancel_timer(self, timer: object | None) -> None:
         connection = self._connection
         if timer is not None and connection is not None:
             connection.remove_timeout(timer)

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format run-agent bench bench-quick soak dist clean
+.PHONY: install test lint format run-agent bench bench-quick soak dist clean install-systemd
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,3 +43,8 @@ dist: install
 
 clean:
 	rm -rf $(VENV) dist build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# Installs the units for a venv already on the host: make install-systemd VENV_PATH=/opt/chiffon-worker/venv
+VENV_PATH ?= /opt/chiffon-worker/venv
+install-systemd:
+	systemd/install.sh $(VENV_PATH)

@@ -116,7 +116,7 @@ def load_worker_class(spec: str) -> type[WorkerBase]:
     try:
         module = importlib.import_module(module_name)
         found = getattr(module, class_name)
-    except (ImportError, AttributeError) as exc:
+    except (ImportError, AttributeError, TypeError, ValueError) as exc:
         raise ConfigError(f"CHIFFON_WORKER: cannot load {spec!r}: {exc}") from None
     if not (isinstance(found, type) and issubclass(found, WorkerBase)):
         raise ConfigError(f"CHIFFON_WORKER: {spec!r} is not a WorkerBase subclass")

@@ -45,7 +45,7 @@ class Settings(BaseModel):
     idempotency_size: int = Field(default=1000, ge=1)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["json", "text"] = "json"
-    worker: str = Field(default=DEFAULT_WORKER, pattern=r"^[\w.]+:[\w]+$")
+    worker: str = Field(default=DEFAULT_WORKER, pattern=r"^\w+(\.\w+)*:\w+$")
     work_queue: str = Field(default="work_queue", min_length=1, max_length=255)
     reply_queue: str = Field(default="reply_queue", min_length=1, max_length=255)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
@@ -60,8 +60,13 @@ class Settings(BaseModel):
     @classmethod
     def _urls_look_like_amqp(cls, value: str) -> str:
         for url in split_urls(value):
-            if urlsplit(url).scheme not in ("amqp", "amqps"):
+            parts = urlsplit(url)
+            if parts.scheme not in ("amqp", "amqps"):
                 raise ValueError("each URL must start with amqp:// or amqps://")
+            try:
+                parts.port  # noqa: B018 - urlsplit checks the port only when asked
+            except ValueError:
+                raise ValueError("the port must be a number from 0 to 65535") from None
         if not split_urls(value):
             raise ValueError("no broker URL given")
         return value
@@ -110,24 +115,25 @@ def url_password(url: str) -> str | None:
     return unquote(password) if password else None
 
 
-def with_password(url: str, password: str) -> str:
+def _with_userinfo(url: str, password: str, *, quoted: bool) -> str:
     parts = urlsplit(url)
+    # Keep the host:port text as written, so an IPv6 "[::1]" keeps its brackets.
+    host_port = parts.netloc.rpartition("@")[2]
     user = parts.username or "guest"
-    host = parts.hostname or "localhost"
-    port = f":{parts.port}" if parts.port else ""
-    netloc = f"{user}:{quote(password, safe='')}@{host}{port}"
+    secret = quote(password, safe="") if quoted else password
+    netloc = f"{user}:{secret}@{host_port}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def with_password(url: str, password: str) -> str:
+    return _with_userinfo(url, password, quoted=True)
 
 
 def redact_url(url: str) -> str:
     """The URL as it may appear in a log: password replaced by ***."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    if urlsplit(url).password is None:
         return url
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    netloc = f"{parts.username}:***@{host}{port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return _with_userinfo(url, "***", quoted=False)
 
 
 def read_env_file(path: Path) -> dict[str, str]:

@@ -185,6 +185,10 @@ class RequestConsumer:
         except InvalidMessage as problem:
             self._dead_letter(delivery, problem)
             return
+        except Exception as exc:  # a parser bug must cost one message, not the worker
+            logger.exception("unexpected error while validating a message")
+            self._dead_letter(delivery, InvalidMessage(f"unreadable message: {type(exc).__name__}"))
+            return
         with message_context(
             trace_id=envelope.trace_id, request_id=envelope.request_id, task_id=request.task_id
         ):

@@ -8,6 +8,7 @@ written deep inside user code still carries the trace_id.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import sys
 from collections.abc import Iterator, Sequence
@@ -50,7 +51,10 @@ class _Redacting(logging.Formatter):
     def __init__(self, inner: logging.Formatter, secrets: Sequence[str]) -> None:
         super().__init__()
         self._inner = inner
-        self._secrets = [s for s in secrets if s]
+        # Also the JSON-escaped spelling: a quote or backslash in a password
+        # is written escaped by the JSON formatter and would slip past.
+        escaped = [json.dumps(s)[1:-1] for s in secrets if s]
+        self._secrets = sorted({s for s in [*secrets, *escaped] if s}, key=len, reverse=True)
 
     def format(self, record: logging.LogRecord) -> str:
         text = self._inner.format(record)

@@ -258,8 +258,11 @@ def _describe(error: ValidationError) -> str:
 def parse_work_request(body: bytes) -> tuple[Envelope, WorkRequest]:
     """Validate a delivery body as a work_request; raise InvalidMessage saying why not."""
     try:
-        document = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        # Decoded explicitly: json.loads(bytes) would also guess UTF-16/32,
+        # and the protocol says UTF-8.
+        document = json.loads(body.decode("utf-8"))
+    # ValueError covers bad UTF-8, bad JSON and integers too long to convert.
+    except (ValueError, RecursionError) as exc:
         raise InvalidMessage(f"body is not UTF-8 JSON: {exc}") from None
     ids = _readable_ids(document)
     if not isinstance(document, dict):

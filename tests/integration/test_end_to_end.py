@@ -94,7 +94,8 @@ def test_invalid_messages_land_in_dlx_queue_with_a_5003_error(
         assert errors[broken["request_id"]]["error_code"] == 5003
     assert "protocol_version" in errors[wrong_version["request_id"]]["error_message"]
     assert orchestrator.wait_for_result(after)["payload"]["output"] == "alive"
-    assert worker.process is not None and worker.process.poll() is None
+    assert worker.process is not None
+    assert worker.process.poll() is None
 
 
 def test_request_for_another_agent_type_is_dead_lettered_with_5006(

@@ -1,0 +1,136 @@
+"""The chiffon-worker command: arguments, exit codes and one-line configuration errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chiffon_worker import __version__
+from chiffon_worker.cli import load_worker_class, main, parse_params
+from chiffon_worker.config import load_settings
+from chiffon_worker.echo import EchoWorker
+from chiffon_worker.errors import EXIT_CONFIG, ConfigError
+from chiffon_worker.worker import WorkerBase
+
+SUBPROCESS_TIMEOUT_S = 60
+
+
+def clean_environ(**extra: str) -> dict[str, str]:
+    """This process's environment without any worker settings, plus `extra`."""
+    environ = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("CHIFFON_") and key not in ("CREDENTIALS_DIRECTORY", "NOTIFY_SOCKET")
+    }
+    environ.update(extra)
+    return environ
+
+
+def test_version_flag_prints_the_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["--version"])
+
+    assert caught.value.code == 0
+    assert __version__ in capsys.readouterr().out
+
+
+def test_help_mentions_the_run_and_send_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["--help"])
+
+    out = capsys.readouterr().out
+    assert caught.value.code == 0
+    assert "run" in out
+    assert "send" in out
+
+
+@pytest.mark.parametrize(
+    ("item", "expected"),
+    [
+        ("seconds=5", 5),
+        ("ratio=0.5", 0.5),
+        ("dry_run=true", True),
+        ('hosts=["a", "b"]', ["a", "b"]),
+        ('opts={"k": null}', {"k": None}),
+        ("message=hello world", "hello world"),
+        ("empty=", ""),
+        ("expr=a=b", "a=b"),
+    ],
+)
+def test_param_values_are_json_when_they_parse_and_strings_otherwise(
+    item: str, expected: Any
+) -> None:
+    key = item.partition("=")[0]
+
+    assert parse_params([item]) == {key: expected}
+
+
+@pytest.mark.parametrize("item", ["no-equals-sign", "=value"])
+def test_param_without_a_key_and_equals_sign_is_refused(item: str) -> None:
+    with pytest.raises(ConfigError, match="--param"):
+        parse_params([item])
+
+
+def test_worker_spec_loads_the_class() -> None:
+    assert load_worker_class("chiffon_worker.echo:EchoWorker") is EchoWorker
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["no_such_module_xyz:Worker", "chiffon_worker.echo:NoSuchWorker", "chiffon_worker.echo"],
+)
+def test_unloadable_worker_spec_names_chiffon_worker(spec: str) -> None:
+    with pytest.raises(ConfigError, match=r"^CHIFFON_WORKER:"):
+        load_worker_class(spec)
+
+
+@pytest.mark.parametrize(
+    "spec", ["chiffon_worker.config:Settings", "chiffon_worker.echo:WORK_TYPES"]
+)
+def test_worker_spec_that_is_not_a_worker_base_names_chiffon_worker(spec: str) -> None:
+    with pytest.raises(ConfigError, match=r"^CHIFFON_WORKER:.*WorkerBase"):
+        load_worker_class(spec)
+
+
+def test_relative_worker_spec_is_a_config_error() -> None:
+    def load_configured_worker() -> type[WorkerBase]:
+        # Refusing the spec in either place (settings or loading) is a fix.
+        settings = load_settings(environ={"CHIFFON_WORKER": ".echo:EchoWorker"})
+        return load_worker_class(settings.worker)
+
+    with pytest.raises(ConfigError, match="CHIFFON_WORKER"):
+        load_configured_worker()
+
+
+def test_bad_setting_exits_78_with_one_line_naming_it(tmp_path: Path) -> None:
+    finished = subprocess.run(
+        [sys.executable, "-m", "chiffon_worker", "run"],
+        env=clean_environ(CHIFFON_ACK_MODE="sometimes"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+        check=False,
+    )
+
+    assert finished.returncode == EXIT_CONFIG
+    lines = finished.stderr.splitlines()
+    assert len(lines) == 1, finished.stderr
+    assert "CHIFFON_ACK_MODE" in lines[0]
+    assert "Traceback" not in finished.stderr
+
+
+def test_password_in_amqp_url_flag_is_refused_without_echoing_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = main(["run", "--amqp-url", "amqp://u:secret@h/"])
+
+    err = capsys.readouterr().err
+    assert code == EXIT_CONFIG
+    assert "--amqp-url" in err
+    assert "secret" not in err

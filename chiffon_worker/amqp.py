@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +25,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 from pika.spec import Basic, BasicProperties
 
-from chiffon_worker.config import redact_url
+from chiffon_worker.config import TlsFiles, redact_url
 from chiffon_worker.errors import BrokerAuthError, BrokerUnavailable, ConnectionLost, PublishFailed
 from chiffon_worker.topology import Topology
 
@@ -78,8 +79,12 @@ def _translated(what: str) -> Iterator[None]:
         raise ConnectionLost(f"{what}: {exc!r}") from None
 
 
-def connection_parameters(url: str, heartbeat: int, blocked_timeout: float) -> pika.URLParameters:
+def connection_parameters(
+    url: str, heartbeat: int, blocked_timeout: float, tls: TlsFiles | None = None
+) -> pika.URLParameters:
     params = pika.URLParameters(url)
+    if params.ssl_options is not None:
+        params.ssl_options = pika.SSLOptions((tls or TlsFiles()).context(), params.host)
     # A heartbeat given in the URL wins: an operator who wrote it meant it.
     if "heartbeat=" not in url:
         params.heartbeat = heartbeat
@@ -92,11 +97,13 @@ def connection_parameters(url: str, heartbeat: int, blocked_timeout: float) -> p
     return params
 
 
-def open_connection(url: str, heartbeat: int, blocked_timeout: float) -> BlockingConnection:
+def open_connection(
+    url: str, heartbeat: int, blocked_timeout: float, tls: TlsFiles | None = None
+) -> BlockingConnection:
     """Open one connection; bad credentials and a broker that is not there differ."""
     shown = redact_url(url)
     try:
-        return BlockingConnection(connection_parameters(url, heartbeat, blocked_timeout))
+        return BlockingConnection(connection_parameters(url, heartbeat, blocked_timeout, tls))
     except (
         pika.exceptions.ProbableAuthenticationError,
         pika.exceptions.AuthenticationError,
@@ -105,7 +112,22 @@ def open_connection(url: str, heartbeat: int, blocked_timeout: float) -> Blockin
     except pika.exceptions.ProbableAccessDeniedError as exc:
         raise BrokerAuthError(f"broker refused access to the vhost of {shown}: {exc!r}") from None
     except (pika.exceptions.AMQPError, OSError) as exc:
+        if _certificate_refused(exc):
+            raise BrokerAuthError(
+                f"TLS: the broker's certificate at {shown} is not trusted "
+                f"(check CHIFFON_TLS_CA_FILE and the host name): {exc!r}"
+            ) from None
         raise BrokerUnavailable(f"cannot connect to {shown}: {exc!r}") from None
+
+
+def _certificate_refused(exc: BaseException) -> bool:
+    """pika wraps the SSL error; look through the chain and the text for it."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return "CERTIFICATE_VERIFY_FAILED" in repr(exc)
 
 
 def declare(channel: BlockingChannel, topology: Topology) -> None:
@@ -144,8 +166,10 @@ class BrokerLink:
         blocked_timeout: float,
         on_delivery: DeliveryHandler,
         on_consumer_cancelled: Callable[[], None],
+        tls: TlsFiles | None = None,
     ) -> None:
         self._urls = urls
+        self._tls = tls
         self._next_url = 0
         self._topology = topology
         self._prefetch = prefetch
@@ -167,7 +191,7 @@ class BrokerLink:
         """Try the next node in turn; declare the topology; raise if that fails."""
         url = self._urls[self._next_url % len(self._urls)]
         self._next_url += 1
-        connection = open_connection(url, self._heartbeat, self._blocked_timeout)
+        connection = open_connection(url, self._heartbeat, self._blocked_timeout, self._tls)
         try:
             with _translated("opening channel"):
                 channel = connection.channel()
@@ -340,8 +364,10 @@ def _close_quietly(connection: BlockingConnection) -> None:
 class RequestClient:
     """A small publisher/waiter for the `send` command and tests: not the worker."""
 
-    def __init__(self, url: str, topology: Topology, heartbeat: int = 30) -> None:
-        self._connection = open_connection(url, heartbeat, blocked_timeout=30.0)
+    def __init__(
+        self, url: str, topology: Topology, heartbeat: int = 30, tls: TlsFiles | None = None
+    ) -> None:
+        self._connection = open_connection(url, heartbeat, blocked_timeout=30.0, tls=tls)
         self._channel = self._connection.channel()
         self._channel.confirm_delivery()
         declare(self._channel, topology)

@@ -158,7 +158,7 @@ def _send(args: argparse.Namespace) -> int:
         priority=args.priority,
     )
     topology = chiffon_topology(settings.work_queue, settings.reply_queue)
-    client = RequestClient(settings.broker_urls()[0], topology)
+    client = RequestClient(settings.broker_urls()[0], topology, tls=settings.tls_files())
     try:
         if args.wait:
             client.open_reply_queue()

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
@@ -26,6 +28,25 @@ DEFAULT_WORKER = "chiffon_worker.echo:EchoWorker"
 CREDENTIAL_NAME = "amqp-password"
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """Where the CA bundle and our client certificate live, for amqps:// URLs."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    verify_hostname: bool = True
+
+    def context(self) -> ssl.SSLContext:
+        # Peer verification is always on; only the host name check may be relaxed
+        # (for brokers reached by IP whose certificate names a host).
+        context = ssl.create_default_context(cafile=self.ca_file)
+        context.check_hostname = self.verify_hostname
+        if self.cert_file:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+
 class Settings(BaseModel):
     """Every setting of the worker, each with a default."""
 
@@ -33,6 +54,10 @@ class Settings(BaseModel):
 
     amqp_url: str = DEFAULT_AMQP_URL
     amqp_password_file: Path | None = None
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_verify_hostname: bool = True
     amqp_heartbeat: int = Field(default=30, ge=0, le=3600)
     blocked_connection_timeout: float = Field(default=60.0, gt=0)
     agent_type: AgentType = "infra"
@@ -48,6 +73,8 @@ class Settings(BaseModel):
     worker: str = Field(default=DEFAULT_WORKER, pattern=r"^\w+(\.\w+)*:\w+$")
     work_queue: str = Field(default="work_queue", min_length=1, max_length=255)
     reply_queue: str = Field(default="reply_queue", min_length=1, max_length=255)
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_host: str = "127.0.0.1"
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     default_max_duration: float | None = Field(default=None, gt=0)
 
@@ -97,6 +124,20 @@ class Settings(BaseModel):
         if from_file:
             found.append(from_file)
         return found
+
+    def tls_files(self) -> TlsFiles:
+        for name in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ConfigError(f"CHIFFON_{name.upper()}: {path} is not a readable file")
+        if self.tls_key_file is not None and self.tls_cert_file is None:
+            raise ConfigError("CHIFFON_TLS_KEY_FILE: set CHIFFON_TLS_CERT_FILE too")
+        return TlsFiles(
+            ca_file=str(self.tls_ca_file) if self.tls_ca_file else None,
+            cert_file=str(self.tls_cert_file) if self.tls_cert_file else None,
+            key_file=str(self.tls_key_file) if self.tls_key_file else None,
+            verify_hostname=self.tls_verify_hostname,
+        )
 
     def resolved_agent_id(self) -> uuid.UUID:
         """A stable id: configured, else derived from host, agent type and queue."""

@@ -102,6 +102,7 @@ class WorkerBase(abc.ABC):
             blocked_timeout=self.settings.blocked_connection_timeout,
             on_delivery=self._on_delivery,
             on_consumer_cancelled=self._on_consumer_cancelled,
+            tls=self.settings.tls_files(),
         )
         self._consumer = RequestConsumer(
             self._link, self.settings, str(self.agent_id), self._run_task

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import queue
+import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ from chiffon_worker.protocol import (
     make_envelope,
     parse_work_request,
 )
+from chiffon_worker.stats import Stats
 from chiffon_worker.tasks import Task, WorkThreads
 
 logger = logging.getLogger(__name__)
@@ -65,9 +68,17 @@ class Link(Protocol):
 
 @dataclass
 class OutboxEntry:
-    message: Outgoing
+    message: Outgoing | None  # None: only acks, kept in order behind earlier results
     # Late-ack deliveries to ack once the broker has confirmed this message.
     acks: list[DeliveryTag] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Answered:
+    """What the idempotency cache remembers of a finished request."""
+
+    result: WorkResult
+    message_id: uuid.UUID  # of the delivery that ran it: a redelivery of it is no new request
 
 
 class RequestConsumer:
@@ -77,13 +88,15 @@ class RequestConsumer:
         settings: Settings,
         agent_id: str,
         run_task: Callable[[Task], WorkResult],
+        stats: Stats | None = None,
     ) -> None:
+        self._stats = stats or Stats()
         self._link = link
         self._settings = settings
         self._agent_id = agent_id
         self._slots = settings.prefetch
         self._late_ack = settings.ack_mode == "late"
-        self._cache: IdempotencyCache[WorkResult] = IdempotencyCache(
+        self._cache: IdempotencyCache[Answered] = IdempotencyCache(
             settings.idempotency_size, settings.idempotency_ttl
         )
         self._running: dict[str, Task] = {}
@@ -128,6 +141,7 @@ class RequestConsumer:
         self._threads.stop()
 
     def on_delivery(self, delivery: Delivery) -> None:
+        self._stats.received()
         if not self._taking:
             self._link.reject(delivery.tag, requeue=True)
         elif len(self._running) >= self._slots:
@@ -203,10 +217,19 @@ class RequestConsumer:
         claim = self._cache.claim(task.request_id)
         if claim.state is ClaimState.DONE:
             assert claim.result is not None
-            logger.info("duplicate request: sending the cached result")
-            self._queue_result(claim.result, delivery, envelope, self._late_acks(delivery))
+            self._stats.duplicate()
+            if claim.result.message_id == envelope.message_id:
+                # The broker redelivered a message we answered (our ack was lost
+                # with a connection): answering again would double the result.
+                logger.info("redelivery of an answered request: acked, not answered again")
+                self._outbox.append(OutboxEntry(None, self._late_acks(delivery)))
+            else:
+                logger.info("duplicate request: sending the cached result")
+                answer = claim.result.result
+                self._queue_result(answer, delivery, envelope, self._late_acks(delivery))
             self.flush_outbox()
         elif claim.state is ClaimState.IN_FLIGHT:
+            self._stats.duplicate()
             logger.info("duplicate request while the first is running: will answer both")
             self._running[task.request_id].duplicates.append((delivery, envelope))
         else:
@@ -219,6 +242,7 @@ class RequestConsumer:
         if limit:
             task.deadline = task.started + float(limit)
         self._running[task.request_id] = task
+        self._stats.in_flight(len(self._running))
         self._threads.submit(task)
         if task.wait_briefly(FAST_PATH_SECONDS):
             self._complete(task)
@@ -243,7 +267,9 @@ class RequestConsumer:
     def _complete(self, task: Task) -> None:
         assert task.result is not None
         self._running.pop(task.request_id, None)
-        self._cache.complete(task.request_id, task.result)
+        self._stats.in_flight(len(self._running))
+        self._stats.finished(task.result.status, task.result.duration_ms / 1000)
+        self._cache.complete(task.request_id, Answered(task.result, task.envelope.message_id))
         self._answer_all(task, task.result)
         self.flush_outbox()
         self._slot_freed()
@@ -340,6 +366,7 @@ class RequestConsumer:
     def _dead_letter(self, delivery: Delivery, problem: InvalidMessage) -> None:
         with message_context(**problem.ids):
             logger.warning("invalid message dead-lettered", extra={"reason": problem.reason})
+            self._stats.dead_lettered()
             self._link.reject(delivery.tag, requeue=False)
             if problem.ids:
                 error = ErrorMessage(
@@ -356,6 +383,7 @@ class RequestConsumer:
             f"{self._settings.agent_type!r}"
         )
         logger.warning("request for another agent type dead-lettered", extra={"reason": reason})
+        self._stats.dead_lettered()
         self._link.reject(delivery.tag, requeue=False)
         error = ErrorMessage(
             error_code=ERROR_UNSUPPORTED_WORK_TYPE,
@@ -377,8 +405,10 @@ class RequestConsumer:
         while self._outbox and self._link.is_open:
             entry = self._outbox[0]
             try:
-                self._link.publish(entry.message)
+                if entry.message is not None:
+                    self._link.publish(entry.message)
             except PublishFailed as exc:
+                assert entry.message is not None
                 entry.message.attempts += 1
                 if entry.message.attempts < MAX_PUBLISH_ATTEMPTS:
                     logger.warning("publish not confirmed, will retry", extra={"reason": str(exc)})
@@ -397,6 +427,8 @@ class RequestConsumer:
             self._link.publish(message)
         except PublishFailed as exc:
             logger.warning("heartbeat not confirmed", extra={"reason": str(exc)})
+            return
+        self._stats.heartbeat_sent(time.time())
 
     def pending(self) -> int:
         return len(self._outbox)

@@ -45,6 +45,7 @@ from chiffon_worker.protocol import (
     make_envelope,
 )
 from chiffon_worker.sdnotify import SystemdNotifier
+from chiffon_worker.stats import make_stats
 from chiffon_worker.tasks import Task
 from chiffon_worker.topology import chiffon_topology
 
@@ -104,9 +105,11 @@ class WorkerBase(abc.ABC):
             on_consumer_cancelled=self._on_consumer_cancelled,
             tls=self.settings.tls_files(),
         )
+        self._stats = make_stats(self.settings.metrics_port, self.settings.metrics_host)
         self._consumer = RequestConsumer(
-            self._link, self.settings, str(self.agent_id), self._run_task
+            self._link, self.settings, str(self.agent_id), self._run_task, self._stats
         )
+        self._connections = 0
         self._metrics: HostMetrics | None = None
         self._consumer_cancelled = False
 
@@ -286,6 +289,7 @@ class WorkerBase(abc.ABC):
             heartbeat.stop()
             self._consumer.close()
             self._metrics.close()
+            self._stats.close()
             self._link.close()
 
     def _connect_and_serve(self) -> int:
@@ -327,6 +331,8 @@ class WorkerBase(abc.ABC):
     def _serve(self) -> bool:
         """Serve one connection; True once a graceful stop completed on it."""
         logger.info("connected to broker", extra={"url": self._link.current_url})
+        self._stats.connected(reconnect=self._connections > 0)
+        self._connections += 1
         self._consumer_cancelled = False
         self._consumer.publish_now(self._heartbeat())
         self._consumer.on_connected()

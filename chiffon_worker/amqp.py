@@ -112,12 +112,30 @@ def open_connection(
     except pika.exceptions.ProbableAccessDeniedError as exc:
         raise BrokerAuthError(f"broker refused access to the vhost of {shown}: {exc!r}") from None
     except (pika.exceptions.AMQPError, OSError) as exc:
+        if any(alert in repr(exc) for alert in _CLIENT_CERTIFICATE_ALERTS):
+            raise BrokerAuthError(
+                f"TLS: the broker at {shown} does not accept our client certificate "
+                f"(check CHIFFON_TLS_CERT_FILE and CHIFFON_TLS_KEY_FILE): {exc!r}"
+            ) from None
         if _certificate_refused(exc):
             raise BrokerAuthError(
                 f"TLS: the broker's certificate at {shown} is not trusted "
                 f"(check CHIFFON_TLS_CA_FILE and the host name): {exc!r}"
             ) from None
         raise BrokerUnavailable(f"cannot connect to {shown}: {exc!r}") from None
+
+
+# TLS alerts a broker sends when it rejects our client certificate; pika reports
+# them only as text inside a lost-stream error.
+_CLIENT_CERTIFICATE_ALERTS = (
+    "ALERT_UNKNOWN_CA",
+    "ALERT_BAD_CERTIFICATE",
+    "ALERT_CERTIFICATE_UNKNOWN",
+    "ALERT_CERTIFICATE_REQUIRED",
+    "ALERT_CERTIFICATE_EXPIRED",
+    "ALERT_CERTIFICATE_REVOKED",
+    "ALERT_UNSUPPORTED_CERTIFICATE",
+)
 
 
 def _certificate_refused(exc: BaseException) -> bool:

@@ -169,10 +169,16 @@ class PrometheusStats(Stats):
             )
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                reason = f"port {port} on {host} is already in use"
-            else:
-                reason = f"cannot serve metrics on {host} port {port}: {exc.strerror or exc}"
-            raise ConfigError(f"CHIFFON_METRICS_PORT: {reason}") from None
+                raise ConfigError(
+                    f"CHIFFON_METRICS_PORT: port {port} on {host} is already in use"
+                ) from None
+            # The port is at fault when we may not bind it; otherwise the host is.
+            setting = (
+                "CHIFFON_METRICS_PORT" if exc.errno == errno.EACCES else "CHIFFON_METRICS_HOST"
+            )
+            raise ConfigError(
+                f"{setting}: cannot serve metrics on {host} port {port}: {exc.strerror or exc}"
+            ) from None
 
     def close(self) -> None:
         server, thread = self._server, self._thread

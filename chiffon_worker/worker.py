@@ -299,7 +299,8 @@ class WorkerBase(abc.ABC):
                 self._link.connect()
             except BrokerAuthError as exc:
                 logger.error(
-                    "broker refused us: check the URL, user and vhost", extra={"reason": str(exc)}
+                    "broker refused us: check the credentials, vhost and TLS settings",
+                    extra={"reason": str(exc)},
                 )
                 return exc.exit_code
             except (BrokerUnavailable, ConnectionLost) as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import subprocess
 import time
 import uuid
@@ -98,8 +99,11 @@ def is_result(message: dict[str, Any]) -> bool:
 class Orchestrator:
     """Publishes requests and watches queues, the way the real orchestrator would."""
 
-    def __init__(self, url: str) -> None:
-        self.connection = pika.BlockingConnection(pika.URLParameters(url))
+    def __init__(self, url: str, ssl_context: ssl.SSLContext | None = None) -> None:
+        parameters = pika.URLParameters(url)
+        if ssl_context is not None:  # for amqps:// URLs: whom to trust, what to present
+            parameters.ssl_options = pika.SSLOptions(ssl_context, parameters.host)
+        self.connection = pika.BlockingConnection(parameters)
         self.channel: BlockingChannel = self.connection.channel()
         self.channel.confirm_delivery()
         topology = chiffon_topology()

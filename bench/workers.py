@@ -52,7 +52,8 @@ def worker_command(key: str, url: str) -> list[str]:
     if key in ("A", "B"):
         return [sys.executable, "-m", "bench.baseline", "--mode", key, "--url", url]
     if key == "ours":
-        return [str(ours_executable()), "run"]
+        override = os.environ.get("BENCH_OURS_COMMAND")  # to profile a variant of ours
+        return override.split() if override else [str(ours_executable()), "run"]
     raise ValueError(f"unknown worker {key!r}")
 
 

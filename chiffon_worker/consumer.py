@@ -29,8 +29,7 @@ from chiffon_worker.protocol import (
     ErrorMessage,
     Payload,
     WorkResult,
-    encode,
-    make_envelope,
+    encode_message,
     parse_work_request,
 )
 from chiffon_worker.stats import Stats
@@ -89,6 +88,7 @@ class RequestConsumer:
         agent_id: str,
         run_task: Callable[[Task], WorkResult],
         stats: Stats | None = None,
+        after_task: Callable[[Task], None] | None = None,
     ) -> None:
         self._stats = stats or Stats()
         self._link = link
@@ -105,7 +105,7 @@ class RequestConsumer:
         self._outbox: deque[OutboxEntry] = deque()
         self._handed_over: queue.SimpleQueue[Task] = queue.SimpleQueue()
         self._taking = True
-        self._threads = WorkThreads(self._slots, run_task, self._hand_over)
+        self._threads = WorkThreads(self._slots, run_task, self._hand_over, after_task)
 
     # -- state other threads may read ----------------------------------------
 
@@ -203,15 +203,14 @@ class RequestConsumer:
             logger.exception("unexpected error while validating a message")
             self._dead_letter(delivery, InvalidMessage(f"unreadable message: {type(exc).__name__}"))
             return
-        with message_context(
-            trace_id=envelope.trace_id, request_id=envelope.request_id, task_id=request.task_id
-        ):
+        task = Task(delivery, envelope, request)
+        with message_context(**task.log_ids):
             if envelope.to_agent != self._settings.agent_type:
                 self._wrong_agent(delivery, envelope)
                 return
             if not self._late_ack:
                 self._link.ack(delivery.tag)
-            self._dispatch(delivery, envelope, Task(delivery, envelope, request))
+            self._dispatch(delivery, envelope, task)
 
     def _dispatch(self, delivery: Delivery, envelope: Envelope, task: Task) -> None:
         claim = self._cache.claim(task.request_id)
@@ -295,11 +294,7 @@ class RequestConsumer:
                 continue
             task.abandoned = True
             limit = task.deadline - task.started
-            with message_context(
-                trace_id=task.envelope.trace_id,
-                request_id=task.envelope.request_id,
-                task_id=task.request.task_id,
-            ):
+            with message_context(**task.log_ids):
                 logger.error(
                     "work exceeded its time limit: failing it, its thread is left behind",
                     extra={"max_duration_seconds": limit, "error_code": ERROR_TIMEOUT},
@@ -335,7 +330,7 @@ class RequestConsumer:
             trace_id = envelope_ids["trace_id"]  # type: ignore[assignment]
             request_id = envelope_ids["request_id"]  # type: ignore[assignment]
             to_agent = envelope_ids.get("from_agent", "orchestrator")
-        envelope = make_envelope(
+        body = encode_message(
             payload,
             from_agent=self._settings.agent_type,
             to_agent=to_agent,
@@ -345,7 +340,7 @@ class RequestConsumer:
         )
         message = Outgoing(
             routing_key=delivery.reply_to or self._settings.reply_queue,
-            body=encode(envelope),
+            body=body,
             priority=priority,
             correlation_id=delivery.correlation_id,
         )

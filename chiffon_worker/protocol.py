@@ -20,6 +20,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import to_json
 
 from chiffon_worker.errors import InvalidMessage
 
@@ -228,6 +229,38 @@ def encode(envelope: Envelope) -> bytes:
     return envelope.model_dump_json().encode("utf-8")
 
 
+def encode_message(
+    payload: Payload,
+    *,
+    from_agent: str,
+    to_agent: str,
+    trace_id: uuid.UUID | str,
+    request_id: uuid.UUID | str,
+    priority: int = 3,
+) -> bytes:
+    """The bytes of `encode(make_envelope(...))`, for the worker's hot path.
+
+    Our own payload models are valid by construction, so this skips building
+    and re-validating an Envelope; pydantic-core serialises in one pass, three
+    to four times faster. A unit test holds the two to the same output.
+    """
+    return to_json(
+        {
+            "protocol_version": PROTOCOL_VERSION,
+            "message_id": uuid.uuid4(),
+            "from_agent": from_agent,
+            "to_agent": to_agent,
+            "timestamp": utc_now().isoformat(),
+            "trace_id": trace_id,
+            "request_id": request_id,
+            "type": _TYPE_OF_PAYLOAD[type(payload)],
+            "priority": priority,
+            "payload": payload,
+            "x_custom_fields": {},
+        }
+    )
+
+
 def _readable_ids(document: object) -> dict[str, str]:
     """The ids of a broken message that are still good enough to answer it."""
     if not isinstance(document, dict):
@@ -257,6 +290,19 @@ def _describe(error: ValidationError) -> str:
 
 def parse_work_request(body: bytes) -> tuple[Envelope, WorkRequest]:
     """Validate a delivery body as a work_request; raise InvalidMessage saying why not."""
+    try:
+        # The common case in one pass through pydantic-core's JSON parser (which
+        # insists on UTF-8); anything wrong is diagnosed the slow way below.
+        envelope = Envelope.model_validate_json(body)
+        if envelope.type == "work_request":
+            return envelope, WorkRequest.model_validate(envelope.payload)
+    except ValidationError:
+        pass
+    return _diagnose(body)
+
+
+def _diagnose(body: bytes) -> tuple[Envelope, WorkRequest]:
+    """Parse step by step to say exactly what is wrong (and recover the ids)."""
     try:
         # Decoded explicitly: json.loads(bytes) would also guess UTF-16/32,
         # and the protocol says UTF-8.

@@ -41,8 +41,7 @@ from chiffon_worker.protocol import (
     WorkRequest,
     WorkResult,
     WorkStatus,
-    encode,
-    make_envelope,
+    encode_message,
 )
 from chiffon_worker.sdnotify import SystemdNotifier
 from chiffon_worker.stats import make_stats
@@ -107,7 +106,12 @@ class WorkerBase(abc.ABC):
         )
         self._stats = make_stats(self.settings.metrics_port, self.settings.metrics_host)
         self._consumer = RequestConsumer(
-            self._link, self.settings, str(self.agent_id), self._run_task, self._stats
+            self._link,
+            self.settings,
+            str(self.agent_id),
+            self._run_task,
+            self._stats,
+            after_task=self._log_finished,
         )
         self._connections = 0
         self._metrics: HostMetrics | None = None
@@ -150,9 +154,7 @@ class WorkerBase(abc.ABC):
 
     def _run_task(self, task: Task) -> WorkResult:
         envelope, request = task.envelope, task.request
-        with message_context(
-            trace_id=envelope.trace_id, request_id=envelope.request_id, task_id=request.task_id
-        ):
+        with message_context(**task.log_ids):
             started = time.monotonic()
             cpu_started = time.thread_time()
             result = self._execute_guarded(request, task)
@@ -162,15 +164,6 @@ class WorkerBase(abc.ABC):
                 "memory_peak_mb": peak_memory_mb(),
                 **result.resources_used,
             }
-            logger.info(
-                "work finished",
-                extra={
-                    "work_type": request.work_type,
-                    "status": result.status,
-                    "exit_code": result.exit_code,
-                    "duration_ms": duration_ms,
-                },
-            )
         return result.model_copy(
             update={
                 "duration_ms": duration_ms,
@@ -179,6 +172,22 @@ class WorkerBase(abc.ABC):
                 "request_id": envelope.request_id,
                 "resources_used": resources,
             }
+        )
+
+    @staticmethod
+    def _log_finished(task: Task) -> None:
+        """Work thread, after the result went to the connection thread (off its path)."""
+        result = task.result
+        assert result is not None
+        logger.info(
+            "work finished",
+            extra={
+                **task.log_ids,
+                "work_type": task.request.work_type,
+                "status": result.status,
+                "exit_code": result.exit_code,
+                "duration_ms": result.duration_ms,
+            },
         )
 
     def _execute_guarded(self, request: WorkRequest, task: Task) -> WorkResult:
@@ -219,7 +228,7 @@ class WorkerBase(abc.ABC):
         )
         # A heartbeat answers no request: it starts its own trace.
         beat_id = uuid.uuid4()
-        envelope = make_envelope(
+        body = encode_message(
             update,
             from_agent=self.settings.agent_type,
             to_agent="orchestrator",
@@ -229,7 +238,7 @@ class WorkerBase(abc.ABC):
         )
         return Outgoing(
             routing_key=self.settings.reply_queue,
-            body=encode(envelope),
+            body=body,
             priority=HEARTBEAT_PRIORITY,
         )
 

@@ -35,7 +35,7 @@ bench-quick: install
 	$(BIN)/python -m bench --quick
 
 soak: install
-	$(BIN)/pytest -m soak -p no:cacheprovider tests/integration
+	$(BIN)/pytest -m soak -p no:cacheprovider -s tests/integration
 
 dist: install
 	rm -rf dist

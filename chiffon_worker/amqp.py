@@ -226,6 +226,7 @@ class BrokerLink:
             self._connection = connection
             self._channel = channel
             self._generation += 1
+        _watch_for_silence(connection, 2.0 * float(connection._impl.params.heartbeat or 0))
         self._consumer_tag = None
         self.current_url = redact_url(url)
 
@@ -246,8 +247,22 @@ class BrokerLink:
             _close_quietly(connection)
 
     def drop(self) -> None:
-        """Forget a connection that already failed (closing it again would raise)."""
-        self.close()
+        """Abandon a connection judged dead, without the close handshake.
+
+        A graceful close would wait for the peer's Close-Ok, which a stalled
+        or half-open connection never sends.
+        """
+        with self._swap_lock:
+            connection, self._connection, self._channel = self._connection, None, None
+        self._consumer_tag = None
+        if connection is None or not connection.is_open:
+            return
+        with contextlib.suppress(Exception):  # it is already broken; only cleaning up
+            # The same door pika's own heartbeat checker uses to give up on a stream.
+            connection._impl._terminate_stream(
+                pika.exceptions.StreamLostError("abandoned by chiffon-worker")
+            )
+            connection.process_data_events(time_limit=0)
 
     # -- consuming ------------------------------------------------------------
 
@@ -371,6 +386,39 @@ class BrokerLink:
         if channel is None or not channel.is_open:
             raise ConnectionLost("channel is not open")
         return channel
+
+
+def _watch_for_silence(connection: BlockingConnection, limit: float) -> None:
+    """Drop the connection after `limit` seconds without a byte from the broker.
+
+    The broker sends a heartbeat every half interval when idle, so two
+    intervals of silence mean a stalled network. pika's own check waits up to
+    twice (interval + 5 s). This one runs on pika's I/O loop timers, so it also
+    fires while a blocking call (a publish waiting for its confirm) is stuck.
+    """
+    if limit <= 0:
+        return
+    impl = connection._impl
+    last = {"bytes": -1, "at": time.monotonic()}
+
+    def check() -> None:
+        if not impl.is_open:
+            return
+        now = time.monotonic()
+        if impl.bytes_received != last["bytes"]:
+            last["bytes"], last["at"] = impl.bytes_received, now
+        elif now - last["at"] > limit:
+            # The same door pika's heartbeat checker uses to give up on a stream.
+            impl._terminate_stream(
+                pika.exceptions.AMQPHeartbeatTimeout(
+                    f"no bytes from the broker for {now - last['at']:.1f} s "
+                    "(two AMQP heartbeat intervals): connection stalled"
+                )
+            )
+            return
+        impl._adapter_call_later(limit / 4, check)
+
+    impl._adapter_call_later(limit / 4, check)
 
 
 def _close_quietly(connection: BlockingConnection) -> None:

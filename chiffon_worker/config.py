@@ -75,6 +75,7 @@ class Settings(BaseModel):
     reply_queue: str = Field(default="reply_queue", min_length=1, max_length=255)
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     metrics_host: str = "127.0.0.1"
+    max_result_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     default_max_duration: float | None = Field(default=None, gt=0)
 

@@ -323,6 +323,18 @@ class RequestConsumer:
         acks: list[DeliveryTag],
         priority: int = 3,
     ) -> None:
+        self._outbox.append(
+            OutboxEntry(self._message(payload, delivery, envelope_ids, priority), acks)
+        )
+
+    def _message(
+        self,
+        payload: Payload,
+        delivery: Delivery,
+        envelope_ids: Envelope | dict[str, str],
+        priority: int,
+    ) -> Outgoing:
+        """The answer to `delivery`: to its reply_to (else the reply queue), ids copied."""
         if isinstance(envelope_ids, Envelope):
             trace_id, request_id = envelope_ids.trace_id, envelope_ids.request_id
             to_agent: str = envelope_ids.from_agent
@@ -338,13 +350,12 @@ class RequestConsumer:
             request_id=request_id,
             priority=priority,
         )
-        message = Outgoing(
+        return Outgoing(
             routing_key=delivery.reply_to or self._settings.reply_queue,
             body=body,
             priority=priority,
             correlation_id=delivery.correlation_id,
         )
-        self._outbox.append(OutboxEntry(message, acks))
 
     def _queue_result(
         self,
@@ -356,7 +367,25 @@ class RequestConsumer:
         # A duplicate's answer carries its own trace_id, not the first one's.
         if result.trace_id != envelope.trace_id:
             result = result.model_copy(update={"trace_id": envelope.trace_id})
-        self._reply(result, delivery, envelope, acks, priority=envelope.priority)
+        message = self._message(result, delivery, envelope, envelope.priority)
+        limit = self._settings.max_result_bytes
+        if len(message.body) > limit:
+            # The broker would refuse it (message size) and close our channel:
+            # say what happened instead of losing the answer.
+            size = len(message.body)
+            logger.error("result too large: sending a failure instead", extra={"bytes": size})
+            too_big = result.model_copy(
+                update={
+                    "status": "failed",
+                    "exit_code": 1,
+                    "output": "",
+                    "analysis_result": None,
+                    "error_message": f"result of {size} bytes exceeds the {limit}-byte "
+                    "limit (CHIFFON_MAX_RESULT_BYTES)",
+                }
+            )
+            message = self._message(too_big, delivery, envelope, envelope.priority)
+        self._outbox.append(OutboxEntry(message, acks))
 
     def _dead_letter(self, delivery: Delivery, problem: InvalidMessage) -> None:
         with message_context(**problem.ids):

@@ -105,8 +105,11 @@ def setup_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    # pika narrates every frame at INFO; its warnings are what an operator needs.
-    logging.getLogger("pika").setLevel(max(logging.WARNING, root.level))
+    # pika logs each connection failure as several ERROR lines with tracebacks;
+    # the worker logs the same event once, in its own words. Keep pika for DEBUG.
+    logging.getLogger("pika").setLevel(
+        logging.DEBUG if root.level <= logging.DEBUG else logging.CRITICAL
+    )
     return handler
 
 

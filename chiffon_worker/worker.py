@@ -323,7 +323,7 @@ class WorkerBase(abc.ABC):
                         "retry_in_s": round(delay, 2),
                     },
                 )
-                self._stop.wait(delay)
+                self._pause(delay)
                 continue
             backoff.reset()
             try:
@@ -331,6 +331,7 @@ class WorkerBase(abc.ABC):
                     return EXIT_OK
             except ConnectionLost as exc:
                 logger.warning("connection lost", extra={"reason": str(exc)})
+                self._explain_loss(str(exc))
                 self._notifier.status(f"reconnecting: {exc}")
                 self._link.drop()
                 self._consumer.on_connection_lost()
@@ -366,6 +367,26 @@ class WorkerBase(abc.ABC):
             self._consumer.check_deadlines(now)
             self._link.process(LOOP_TICK_SECONDS)
             self._consumer.flush_outbox()
+
+    def _pause(self, seconds: float) -> None:
+        """Wait before the next attempt; wake for a stop, keep the watchdog fed."""
+        interval = self._notifier.watchdog_interval()
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if interval is not None:
+                # Retrying a broker that is down is the loop doing its job.
+                self._notifier.watchdog()
+            if self._stop.wait(min(left, interval or left)):
+                return
+
+    def _explain_loss(self, reason: str) -> None:
+        if "acknowledgement" in reason and "timed out" in reason:
+            logger.error(
+                "RabbitMQ's consumer_timeout closed our channel: a task in late-ack mode "
+                "ran longer than the broker allows between delivery and ack; the message "
+                "is redelivered. Raise consumer_timeout in rabbitmq.conf or use ack_mode=early",
+                extra={"ack_mode": self.settings.ack_mode},
+            )
 
     def _begin_stop(self) -> None:
         running = self._consumer.current_task_ids()

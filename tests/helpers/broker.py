@@ -159,6 +159,10 @@ class Orchestrator:
     def results(self, queue: str = "reply_queue") -> list[dict[str, Any]]:
         return [m for m in self.received.get(queue, []) if is_result(m)]
 
+    def distinct_results(self, queue: str = "reply_queue") -> list[dict[str, Any]]:
+        """Results once each: a result re-published after a lost confirm keeps its message_id."""
+        return list({m["message_id"]: m for m in self.results(queue)}.values())
+
     def heartbeats(self, queue: str = "reply_queue") -> list[dict[str, Any]]:
         return [m for m in self.received.get(queue, []) if is_heartbeat(m)]
 

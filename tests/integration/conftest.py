@@ -14,6 +14,7 @@ import pytest
 from chiffon_worker.config import Settings
 from tests.helpers.broker import Orchestrator, Vhost, broker_reachable
 from tests.helpers.process import WorkerProcess
+from tests.helpers.proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 
@@ -47,6 +48,16 @@ def orchestrator(vhost: Vhost) -> Iterator[Orchestrator]:
         yield peer
     finally:
         peer.close()
+
+
+@pytest.fixture
+def proxy(broker: None) -> Iterator[TcpProxy]:
+    """A proxy in front of the broker that the test can cut, stall or close."""
+    front = TcpProxy()
+    try:
+        yield front
+    finally:
+        front.close()
 
 
 @pytest.fixture

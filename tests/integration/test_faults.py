@@ -115,6 +115,9 @@ def test_late_ack_redelivery_after_a_cut_does_not_run_the_work_again(
     assert worker.runs["once"] == 1
     assert len(orchestrator.distinct_results()) == 1
     assert orchestrator.queue_depth("work_queue") == 0
+    # An ack of the old channel's delivery tag on the new channel would have made
+    # the broker close it (unknown delivery tag): a third connection.
+    assert worker._connections == 2
 
 
 def test_worker_moves_to_the_next_cluster_node_when_one_goes_away(

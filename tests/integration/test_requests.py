@@ -158,3 +158,18 @@ def test_work_over_its_time_limit_fails_with_5001_and_the_worker_serves_on(
         assert orchestrator.wait_for_result(after)["payload"]["output"] == "next"
     assert timed_out["status"] == "failed"
     assert "5001" in timed_out["error_message"]
+
+
+def test_a_result_too_large_for_the_broker_becomes_a_failure(
+    vhost: Vhost, orchestrator: Orchestrator
+) -> None:
+    worker = CountingWorker(Settings(amqp_url=vhost.url(), max_result_bytes=4096))
+    with InProcessWorker(worker):
+        huge = work_request("echo", {"message": "x" * 10_000})
+        after = work_request("echo", {"message": "small"})
+        orchestrator.publish(huge)
+        orchestrator.publish(after)
+        result = orchestrator.wait_for_result(huge)["payload"]
+        assert orchestrator.wait_for_result(after)["payload"]["output"] == "small"
+    assert (result["status"], result["exit_code"], result["output"]) == ("failed", 1, "")
+    assert "CHIFFON_MAX_RESULT_BYTES" in result["error_message"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -258,3 +259,18 @@ def test_backoff_reset_starts_from_the_first_delay_again() -> None:
     backoff.reset()
 
     assert backoff.next_delay() <= 1.0
+
+
+def test_consumer_timeout_closing_the_channel_is_explained_in_the_log(
+    echo_worker: EchoWorker, caplog: pytest.LogCaptureFixture
+) -> None:
+    worker = echo_worker
+    reason = (
+        "connection: channel closed by broker: PRECONDITION_FAILED - delivery "
+        "acknowledgement on channel 1 timed out. Timeout value used: 1800000 ms."
+    )
+    with caplog.at_level(logging.ERROR, logger="chiffon_worker"):
+        worker._explain_loss(reason)
+        worker._explain_loss("connection: StreamLostError: EOF")
+    [record] = caplog.records
+    assert "consumer_timeout" in record.getMessage()

@@ -23,6 +23,7 @@ from chiffon_worker.protocol import (
     WorkResult,
     WorkStatus,
     encode,
+    encode_message,
     make_envelope,
     parse_work_request,
 )
@@ -414,3 +415,24 @@ def test_make_envelope_sets_the_type_for_each_payload_class(
 
     assert envelope.type == expected_type
     assert type(payload).model_validate(envelope.payload) == payload
+
+
+def test_fast_encoding_matches_the_validated_envelope_except_fresh_ids() -> None:
+    task = uuid.uuid4()
+    result = WorkResult(task_id=task, status="failed", exit_code=1, error_message="boom")
+    ids = {"trace_id": uuid.uuid4(), "request_id": uuid.uuid4()}
+    fast = json.loads(
+        encode_message(result, from_agent="infra", to_agent="orchestrator", priority=4, **ids)
+    )
+    slow = json.loads(
+        encode(
+            make_envelope(result, from_agent="infra", to_agent="orchestrator", priority=4, **ids)
+        )
+    )
+    for varying in ("message_id", "timestamp"):
+        assert fast.pop(varying) != slow.pop(varying)
+    assert fast == slow
+    reparsed = Envelope.model_validate_json(
+        encode_message(result, from_agent="infra", to_agent="code", **ids)
+    )
+    assert reparsed.timestamp.utcoffset() == timedelta(0)

@@ -9,14 +9,15 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import UTC, datetime
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    PlainSerializer,
     ValidationError,
-    field_serializer,
     field_validator,
     model_validator,
 )
@@ -56,6 +57,14 @@ def _as_utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
+# Accepts Z, offsets and naive (read as UTC); always emits UTC with "+00:00".
+UtcTimestamp = Annotated[
+    datetime,
+    AfterValidator(_as_utc),
+    PlainSerializer(lambda value: _as_utc(value).isoformat(), return_type=str),
+]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -67,7 +76,7 @@ class Envelope(_Model):
     message_id: uuid.UUID = Field(default_factory=uuid.uuid4)
     from_agent: AgentType
     to_agent: AgentType
-    timestamp: datetime = Field(default_factory=utc_now)
+    timestamp: UtcTimestamp = Field(default_factory=utc_now)
     trace_id: uuid.UUID
     request_id: uuid.UUID
     type: MessageType
@@ -83,15 +92,6 @@ class Envelope(_Model):
                 f"unsupported protocol_version {value!r}, expected {PROTOCOL_VERSION!r}"
             )
         return value
-
-    @field_validator("timestamp")
-    @classmethod
-    def _timestamp_utc(cls, value: datetime) -> datetime:
-        return _as_utc(value)
-
-    @field_serializer("timestamp")
-    def _emit_timestamp(self, value: datetime) -> str:
-        return _as_utc(value).isoformat()
 
 
 class WorkRequest(_Model):
@@ -170,16 +170,7 @@ class StatusUpdate(_Model):
     status: AgentStatus
     current_task_id: uuid.UUID | None = None
     resources: dict[str, Any] = Field(default_factory=dict)
-    timestamp: datetime = Field(default_factory=utc_now)
-
-    @field_validator("timestamp")
-    @classmethod
-    def _timestamp_utc(cls, value: datetime) -> datetime:
-        return _as_utc(value)
-
-    @field_serializer("timestamp")
-    def _emit_timestamp(self, value: datetime) -> str:
-        return _as_utc(value).isoformat()
+    timestamp: UtcTimestamp = Field(default_factory=utc_now)
 
 
 class ErrorMessage(_Model):

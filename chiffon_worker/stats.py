@@ -102,35 +102,24 @@ class PrometheusStats(Stats):
         client.PlatformCollector(registry=registry)
         client.GCCollector(registry=registry)
 
-        self._received: Counter = client.Counter(
-            PREFIX + "requests_received",
-            "Deliveries that arrived on the work queue.",
-            registry=registry,
+        def counter(name: str, text: str) -> Counter:
+            made: Counter = client.Counter(PREFIX + name, text, registry=registry)
+            return made
+
+        self._received = counter("requests_received", "Deliveries that arrived on the work queue.")
+        self._completed = counter("requests_completed", "Work that ended with status completed.")
+        self._failed = counter(
+            "requests_failed", "Work that ended with status failed or cancelled."
         )
-        self._completed: Counter = client.Counter(
-            PREFIX + "requests_completed",
-            "Work that ended with status completed.",
-            registry=registry,
+        self._dead_lettered = counter(
+            "requests_dead_lettered", "Deliveries rejected to the dead-letter queue."
         )
-        self._failed: Counter = client.Counter(
-            PREFIX + "requests_failed",
-            "Work that ended with status failed or cancelled.",
-            registry=registry,
-        )
-        self._dead_lettered: Counter = client.Counter(
-            PREFIX + "requests_dead_lettered",
-            "Deliveries rejected to the dead-letter queue.",
-            registry=registry,
-        )
-        self._duplicate: Counter = client.Counter(
-            PREFIX + "requests_duplicate",
+        self._duplicate = counter(
+            "requests_duplicate",
             "Requests whose request_id was seen before, answered without running.",
-            registry=registry,
         )
-        self._reconnects: Counter = client.Counter(
-            PREFIX + "reconnects",
-            "Broker connections re-established after the first one.",
-            registry=registry,
+        self._reconnects = counter(
+            "reconnects", "Broker connections re-established after the first one."
         )
         self._duration: Histogram = client.Histogram(
             PREFIX + "task_duration_seconds",

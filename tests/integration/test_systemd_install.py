@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.ci import systemd_analyze
 
 pytestmark = pytest.mark.integration
 
@@ -145,12 +146,7 @@ def test_unsafe_venv_path_is_refused_before_writing(installer: Installer, venv: 
 
 
 def test_installed_units_pass_systemd_analyze_verify(installer: Installer, tmp_path: Path) -> None:
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        message = "systemd-analyze not found (Debian/Ubuntu: apt-get install systemd)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message + "; CI must have it to check the units")
-        pytest.skip(message)
+    analyze = systemd_analyze()
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     script = venv / "bin" / "chiffon-worker"

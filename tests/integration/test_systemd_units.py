@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.ci import systemd_analyze
 
 pytestmark = pytest.mark.integration
 
@@ -22,17 +22,6 @@ PLACEHOLDER_EXEC_START = "/opt/chiffon-worker/venv/bin/chiffon-worker run"
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30
 
 Directives = dict[str, dict[str, list[str]]]
-
-
-def systemd_analyze() -> str:
-    """Path of systemd-analyze; a missing one fails under CI=true and skips elsewhere."""
-    found = shutil.which("systemd-analyze")
-    if found is None:
-        message = "systemd-analyze not found (Debian/Ubuntu: apt-get install systemd)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message + "; CI must have it to check the units")
-        pytest.skip(message)
-    return found
 
 
 def parse_unit(text: str) -> Directives:

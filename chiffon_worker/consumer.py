@@ -77,7 +77,9 @@ class Answered:
     """What the idempotency cache remembers of a finished request."""
 
     result: WorkResult
-    message_id: uuid.UUID  # of the delivery that ran it: a redelivery of it is no new request
+    # Every request message answered with it: a redelivery of one of them (its
+    # ack lost with a connection) is acked, not answered a second time.
+    message_ids: set[uuid.UUID]
 
 
 class RequestConsumer:
@@ -217,13 +219,13 @@ class RequestConsumer:
         if claim.state is ClaimState.DONE:
             assert claim.result is not None
             self._stats.duplicate()
-            if claim.result.message_id == envelope.message_id:
-                # The broker redelivered a message we answered (our ack was lost
-                # with a connection): answering again would double the result.
+            if envelope.message_id in claim.result.message_ids:
                 logger.info("redelivery of an answered request: acked, not answered again")
+                # Behind the answer in the outbox, so a late ack never precedes it.
                 self._outbox.append(OutboxEntry(None, self._late_acks(delivery)))
             else:
                 logger.info("duplicate request: sending the cached result")
+                claim.result.message_ids.add(envelope.message_id)
                 answer = claim.result.result
                 self._queue_result(answer, delivery, envelope, self._late_acks(delivery))
             self.flush_outbox()
@@ -268,24 +270,24 @@ class RequestConsumer:
         self._running.pop(task.request_id, None)
         self._stats.in_flight(len(self._running))
         self._stats.finished(task.result.status, task.result.duration_ms / 1000)
-        self._cache.complete(task.request_id, Answered(task.result, task.envelope.message_id))
-        self._answer_all(task, task.result)
+        answered = self._answer_all(task, task.result)
+        self._cache.complete(task.request_id, Answered(task.result, answered))
         self.flush_outbox()
         self._slot_freed()
 
-    def _answer_all(self, task: Task, result: WorkResult) -> None:
-        # A late-ack redelivery of the very same message (same message_id) is
-        # one request: one result, and both deliveries acked after it.
-        first_acks = self._late_acks(task.delivery)
-        others: list[tuple[Delivery, Envelope]] = []
-        for delivery, envelope in task.duplicates:
-            if envelope.message_id == task.envelope.message_id:
-                first_acks += self._late_acks(delivery)
-            else:
-                others.append((delivery, envelope))
-        self._queue_result(result, task.delivery, task.envelope, first_acks)
-        for delivery, envelope in others:
-            self._queue_result(result, delivery, envelope, self._late_acks(delivery))
+    def _answer_all(self, task: Task, result: WorkResult) -> set[uuid.UUID]:
+        """One result per request message; returns the message_ids answered.
+
+        Deliveries of the same message (a redelivery after a lost ack) share
+        that one result, and in late mode all of them are acked after it.
+        """
+        by_message: dict[uuid.UUID, tuple[Delivery, Envelope, list[DeliveryTag]]] = {}
+        for delivery, envelope in [(task.delivery, task.envelope), *task.duplicates]:
+            first = by_message.setdefault(envelope.message_id, (delivery, envelope, []))
+            first[2].extend(self._late_acks(delivery))
+        for delivery, envelope, acks in by_message.values():
+            self._queue_result(result, delivery, envelope, acks)
+        return set(by_message)
 
     def check_deadlines(self, now: float) -> None:
         """Fail tasks that outlived max_duration_seconds; their thread is replaced."""

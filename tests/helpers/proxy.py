@@ -92,6 +92,9 @@ class TcpProxy:
             except OSError:
                 client.close()
                 continue
+            # Forward each small AMQP frame at once, not after Nagle's ~40 ms.
+            for sock in (client, upstream):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._pairs.append((client, upstream))
                 self.connections += 1

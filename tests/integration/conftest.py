@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from chiffon_worker.config import Settings
-from tests.helpers.broker import Orchestrator, Vhost, broker_reachable
+from tests.helpers.broker import Orchestrator, Vhost, VhostPool, broker_reachable
 from tests.helpers.ci import missing
 from tests.helpers.process import WorkerProcess
 from tests.helpers.proxy import TcpProxy
@@ -26,14 +26,18 @@ def broker() -> None:
     missing("RabbitMQ is not reachable on 127.0.0.1:5672")
 
 
-@pytest.fixture
-def vhost(broker: None) -> Iterator[Vhost]:
-    host = Vhost()
-    host.create()
+@pytest.fixture(scope="session")
+def vhost_pool(broker: None) -> Iterator[VhostPool]:
+    pool = VhostPool()
     try:
-        yield host
+        yield pool
     finally:
-        host.delete()
+        pool.close()
+
+
+@pytest.fixture
+def vhost(vhost_pool: VhostPool) -> Vhost:
+    return vhost_pool.take()
 
 
 @pytest.fixture

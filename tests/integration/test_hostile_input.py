@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, Phase, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from tests.helpers.broker import Orchestrator, Vhost, work_request
+from tests.helpers.broker import Orchestrator, work_request
 from tests.helpers.process import WorkerProcess
 
 pytestmark = pytest.mark.integration
@@ -358,23 +358,9 @@ def bad_message() -> st.SearchStrategy[Hostile]:
 
 
 @pytest.fixture
-def peer(vhost: Vhost) -> Iterator[Orchestrator]:
-    """The orchestrator stand-in, with dlx_queue kept as raw bytes only.
-
-    Orchestrator.watch json-decodes every body and catches only ValueError, so a
-    deeply nested body (RecursionError) would blow up inside its consumer.
-    """
-    peer = Orchestrator(vhost.url())
-    peer.watch("reply_queue")
-    dead: list[bytes] = []
-    peer.raw["dlx_queue"] = dead
-    peer.channel.basic_consume(
-        "dlx_queue", lambda _ch, _method, _props, body: dead.append(body), auto_ack=True
-    )
-    try:
-        yield peer
-    finally:
-        peer.close()
+def peer(orchestrator: Orchestrator) -> Orchestrator:
+    """The orchestrator stand-in, watching reply_queue and dlx_queue."""
+    return orchestrator
 
 
 def _serves_echo(peer: Orchestrator, message: str) -> str:

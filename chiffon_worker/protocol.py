@@ -73,10 +73,10 @@ class Envelope(_Model):
     """The fields every message carries; `payload` is checked per `type`."""
 
     protocol_version: str
-    message_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    message_id: uuid.UUID
     from_agent: AgentType
     to_agent: AgentType
-    timestamp: UtcTimestamp = Field(default_factory=utc_now)
+    timestamp: UtcTimestamp
     trace_id: uuid.UUID
     request_id: uuid.UUID
     type: MessageType
@@ -205,6 +205,8 @@ def make_envelope(
     return Envelope.model_validate(
         {
             "protocol_version": PROTOCOL_VERSION,
+            "message_id": uuid.uuid4(),
+            "timestamp": utc_now(),
             "from_agent": from_agent,
             "to_agent": to_agent,
             "trace_id": trace_id,

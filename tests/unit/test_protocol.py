@@ -436,3 +436,12 @@ def test_fast_encoding_matches_the_validated_envelope_except_fresh_ids() -> None
         encode_message(result, from_agent="infra", to_agent="code", **ids)
     )
     assert reparsed.timestamp.utcoffset() == timedelta(0)
+
+
+@pytest.mark.parametrize(
+    "field", ["message_id", "timestamp", "trace_id", "request_id", "from_agent", "type"]
+)
+def test_an_envelope_without_a_required_field_is_invalid(field: str) -> None:
+    document = request_document()
+    del document[field]
+    assert field in invalid_reason(body_of(document)).reason

@@ -117,5 +117,8 @@ class WorkThreads:
             if task.finish(result):
                 self._hand_over(task)
             if self._after is not None:
-                # e.g. logging: done while the connection thread publishes the result
+                # Let the connection thread take the GIL first: the "after" work
+                # (logging) then runs while it waits on the broker's confirm,
+                # instead of keeping it from publishing.
+                time.sleep(0)
                 self._after(task)

@@ -244,7 +244,17 @@ class WorkerBase(abc.ABC):
 
     def _send_heartbeat_threadsafe(self, body: bytes) -> bool:
         message = Outgoing(self.settings.reply_queue, body, HEARTBEAT_PRIORITY)
-        return self._link.call_threadsafe(lambda: self._consumer.publish_now(message))
+        sent = self._link.call_threadsafe(lambda: self._consumer.publish_now(message))
+        if sent:
+            # systemctl status shows this line; refreshed at heartbeat pace, off the hot path.
+            running = self._consumer.current_task_ids()
+            where = self._link.current_url
+            self._notifier.status(
+                f"connected to {where}, running task {running[0]}"
+                if running
+                else f"connected to {where}, idle"
+            )
+        return sent
 
     # -- link callbacks (connection thread) ----------------------------------
 

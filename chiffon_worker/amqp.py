@@ -352,7 +352,8 @@ class BrokerLink:
     def process(self, time_limit: float) -> None:
         """Service the socket: heartbeats, deliveries, handed-over callbacks, timers."""
         connection = self._connection
-        if connection is None:
+        if connection is None or not connection.is_open:
+            # Also when another thread (the rescue thread) saw it die.
             raise ConnectionLost("not connected")
         with _translated("connection"):
             connection.process_data_events(time_limit=time_limit)

@@ -91,6 +91,7 @@ class RequestConsumer:
         run_task: Callable[[Task], WorkResult],
         stats: Stats | None = None,
         after_task: Callable[[Task], None] | None = None,
+        run_inline: Callable[[Callable[[], None]], None] | None = None,
     ) -> None:
         self._stats = stats or Stats()
         self._link = link
@@ -108,6 +109,12 @@ class RequestConsumer:
         self._handed_over: queue.SimpleQueue[Task] = queue.SimpleQueue()
         self._taking = True
         self._threads = WorkThreads(self._slots, run_task, self._hand_over, after_task)
+        self._run_task = run_task
+        self._after_task = after_task
+        # Inline work needs the one slot and an early ack (a late ack must wait
+        # for the result anyway), and no time limit: only a work thread can be
+        # abandoned when work overruns.
+        self._run_inline = run_inline if self._slots == 1 and not self._late_ack else None
 
     # -- state other threads may read ----------------------------------------
 
@@ -244,6 +251,16 @@ class RequestConsumer:
             task.deadline = task.started + float(limit)
         self._running[task.request_id] = task
         self._stats.in_flight(len(self._running))
+        if self._run_inline is not None and task.deadline is None:
+
+            def work() -> None:
+                task.finish(self._run_task(task))
+
+            self._run_inline(work)
+            self._complete(task)
+            if self._after_task is not None:
+                self._after_task(task)
+            return
         self._threads.submit(task)
         if task.wait_briefly(FAST_PATH_SECONDS):
             self._complete(task)

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from chiffon_worker.amqp import BrokerLink, Outgoing
 from chiffon_worker.config import Settings, load_settings, unknown_variables
-from chiffon_worker.consumer import RequestConsumer
+from chiffon_worker.consumer import HOLD_GRACE_SECONDS, RequestConsumer
 from chiffon_worker.errors import (
     EXIT_FAILED,
     EXIT_OK,
@@ -43,6 +43,7 @@ from chiffon_worker.protocol import (
     WorkStatus,
     encode_message,
 )
+from chiffon_worker.rescue import Rescuer
 from chiffon_worker.sdnotify import SystemdNotifier
 from chiffon_worker.stats import make_stats
 from chiffon_worker.tasks import Task
@@ -53,6 +54,8 @@ logger = logging.getLogger(__name__)
 # Longest the loop stays inside pika before it looks at stop requests,
 # deadlines and the watchdog again.
 LOOP_TICK_SECONDS = 0.5
+# Inline work longer than this gets the rescue thread servicing the connection.
+TAKE_OVER_AFTER_SECONDS = 0.25
 BACKOFF_FIRST_SECONDS = 0.5
 BACKOFF_CAP_SECONDS = 30.0
 
@@ -112,7 +115,17 @@ class WorkerBase(abc.ABC):
             self._run_task,
             self._stats,
             after_task=self._log_finished,
+            run_inline=lambda work: self._rescuer.run_inline(work),
         )
+        self._rescuer = Rescuer(
+            take_over_after=TAKE_OVER_AFTER_SECONDS,
+            hold_grace=HOLD_GRACE_SECONDS,
+            service=self._link.process,
+            stop_taking=self._link.stop_consuming,
+            on_tick=self._while_covering,
+        )
+        self._pending_beat: Outgoing | None = None
+        self._stop_requested_at: float | None = None
         self._connections = 0
         self._metrics: HostMetrics | None = None
         self._consumer_cancelled = False
@@ -244,7 +257,12 @@ class WorkerBase(abc.ABC):
 
     def _send_heartbeat_threadsafe(self, body: bytes) -> bool:
         message = Outgoing(self.settings.reply_queue, body, HEARTBEAT_PRIORITY)
-        sent = self._link.call_threadsafe(lambda: self._consumer.publish_now(message))
+        if self._rescuer.active:
+            # The connection thread is running long work: the rescue thread sends it.
+            self._pending_beat = message
+            sent = True
+        else:
+            sent = self._link.call_threadsafe(lambda: self._consumer.publish_now(message))
         if sent:
             # systemctl status shows this line; refreshed at heartbeat pace, off the hot path.
             running = self._consumer.current_task_ids()
@@ -285,6 +303,8 @@ class WorkerBase(abc.ABC):
 
     def run(self) -> int:
         """Serve until a stop is requested; returns the process exit code."""
+        self._rescuer.baton.acquire()  # this thread owns the connection
+        self._rescuer.start()
         self._metrics = HostMetrics()
         heartbeat = HeartbeatThread(
             self.settings.heartbeat_interval,
@@ -305,6 +325,8 @@ class WorkerBase(abc.ABC):
         try:
             return self._connect_and_serve()
         finally:
+            self._rescuer.stop()
+            self._rescuer.baton.release()
             heartbeat.stop()
             self._consumer.close()
             self._metrics.close()
@@ -364,8 +386,10 @@ class WorkerBase(abc.ABC):
         while True:
             now = time.monotonic()
             if self._stop.is_set() and stop_deadline is None:
-                stop_deadline = now + self.settings.shutdown_timeout
-                self._begin_stop()
+                began = self._stop_requested_at
+                stop_deadline = (began or now) + self.settings.shutdown_timeout
+                if began is None:
+                    self._begin_stop()
             if stop_deadline is not None and (not self._consumer.busy or now >= stop_deadline):
                 self._finish_stop(timed_out=self._consumer.busy)
                 return True
@@ -377,6 +401,26 @@ class WorkerBase(abc.ABC):
             self._consumer.check_deadlines(now)
             self._link.process(LOOP_TICK_SECONDS)
             self._consumer.flush_outbox()
+
+    def _while_covering(self) -> None:
+        """Rescue thread, each tick while long work runs on the connection thread."""
+        beat, self._pending_beat = self._pending_beat, None
+        if beat is not None:
+            self._consumer.publish_now(beat)
+        self._consumer.flush_outbox()  # progress reports
+        self._notifier.watchdog()
+        if not self._stop.is_set():
+            return
+        now = time.monotonic()
+        if self._stop_requested_at is None:
+            self._stop_requested_at = now
+            self._begin_stop()
+        elif now - self._stop_requested_at > self.settings.shutdown_timeout and self._signals:
+            # The work cannot be abandoned from here (it runs on the connection
+            # thread), so the process ends; early ack: the task is lost, as it
+            # would be with a work thread.
+            self._finish_stop(timed_out=True)
+            os._exit(EXIT_OK)
 
     def _pause(self, seconds: float) -> None:
         """Wait before the next attempt; wake for a stop, keep the watchdog fed."""

@@ -97,3 +97,21 @@ def test_a_second_signal_exits_at_once(orchestrator: Orchestrator, spawn: Spawn)
     worker.signal(signal.SIGTERM)
     assert worker.wait(timeout=10) != 0  # not the 60 s the task would take
     assert any("second signal" in m for m in worker.messages())
+
+
+def test_work_outliving_the_shutdown_timeout_is_given_up_with_a_clear_line(
+    orchestrator: Orchestrator, spawn: Spawn
+) -> None:
+    worker = spawn(heartbeat_interval=0.5, shutdown_timeout=1)
+    task = work_request("slow_echo", {"seconds": 60})
+    orchestrator.publish(task)
+    orchestrator.wait_until(lambda: bool(_busy_with(orchestrator, task)), 20, "busy")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(timeout=15) == 0  # not the 60 s the task would take
+    assert "shutdown timeout: giving up on running work" in worker.messages()
+    orchestrator.wait_until(
+        lambda: any(h["payload"]["status"] == "offline" for h in orchestrator.heartbeats()),
+        10,
+        "offline heartbeat",
+    )
+    assert not orchestrator.results()

@@ -1,9 +1,11 @@
 """WorkerBase, the class users subclass, and the loop that keeps it connected.
 
-The thread that calls `run()` owns the broker connection: it services the
-socket, and every other thread (work, heartbeat) reaches the broker only by
-handing a callback to it. It reconnects with capped, jittered backoff, and on
-a stop request finishes the running work before it says goodbye.
+The thread that calls `run()` owns the broker connection (it holds the
+rescue thread's baton): it services the socket, and the heartbeat and work
+threads reach the broker only by handing a callback to it. Short work runs on
+this thread, covered by the rescue thread when it runs long (rescue.py). It
+reconnects with capped, jittered backoff, and on a stop request finishes the
+running work before it says goodbye.
 """
 
 from __future__ import annotations
@@ -80,8 +82,10 @@ class Backoff:
 class WorkerBase(abc.ABC):
     """Subclass this: implement `execute_work` and `get_agent_capabilities`.
 
-    Both are plain synchronous methods. `execute_work` runs on a work thread;
-    it may call `self.report_progress(...)`. Everything else (connection,
+    Both are plain synchronous methods. `execute_work` runs on the
+    connection thread or on a work thread (see the README, "Where the work
+    runs"); either way the connection stays serviced while it runs. It may
+    call `self.report_progress(...)`. Everything else (connection,
     validation, acks, deduplication, heartbeats, shutdown) is done here.
     """
 
@@ -285,7 +289,12 @@ class WorkerBase(abc.ABC):
     # -- the loop ---------------------------------------------------------------
 
     def request_stop(self) -> None:
-        """Ask the loop to stop gracefully; safe from any thread or a signal handler."""
+        """Ask the loop to stop gracefully; safe from any thread or a signal handler.
+
+        Running work is waited for up to the shutdown timeout; work running on
+        the connection thread past it ends the process only when the stop came
+        from a signal (a library caller keeps its process).
+        """
         self._stop.set()
 
     def install_signal_handlers(self) -> None:

@@ -1,8 +1,9 @@
 """Deliveries in, results out: validate, ack or reject, dispatch, answer.
 
-Runs on the connection thread only (the link calls it), except the few
-methods marked thread-safe. Knows the broker through BrokerLink's methods,
-never through pika.
+Runs on the thread that holds the connection's baton (the connection thread,
+or the rescue thread while long work runs inline), except the few methods
+marked thread-safe. Knows the broker through BrokerLink's methods, never
+through pika.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from chiffon_worker.amqp import BrokerLink, Outgoing
 from chiffon_worker.config import Settings, load_settings, unknown_variables
 from chiffon_worker.consumer import HOLD_GRACE_SECONDS, RequestConsumer
 from chiffon_worker.errors import (
+    EXIT_CONFIG,
     EXIT_FAILED,
     EXIT_OK,
     BrokerAuthError,
@@ -96,7 +97,7 @@ class WorkerBase(abc.ABC):
         self.settings = settings if settings is not None else load_settings()
         self.agent_id = self.settings.resolved_agent_id()
         self._capabilities = self.get_agent_capabilities()
-        self._work_types = frozenset(self._capabilities.get("work_types", ()))
+        self._work_types = self._declared_work_types(self._capabilities)
         self._stop = threading.Event()
         self._signals = 0
         self._current = threading.local()
@@ -143,6 +144,20 @@ class WorkerBase(abc.ABC):
     @abc.abstractmethod
     def get_agent_capabilities(self) -> dict[str, Any]:
         """What this worker can do; must contain "work_types": [...]."""
+
+    @staticmethod
+    def _declared_work_types(capabilities: object) -> frozenset[str]:
+        work_types = capabilities.get("work_types") if isinstance(capabilities, dict) else None
+        if not (
+            isinstance(work_types, list | tuple | set | frozenset)
+            and work_types
+            and all(isinstance(name, str) and name for name in work_types)
+        ):
+            raise TypeError(
+                "get_agent_capabilities() must return a dict whose 'work_types' lists the "
+                "supported work types (non-empty strings)"
+            )
+        return frozenset(work_types)
 
     # -- helpers a subclass may call -----------------------------------------
 
@@ -208,7 +223,7 @@ class WorkerBase(abc.ABC):
         )
 
     def _execute_guarded(self, request: WorkRequest, task: Task) -> WorkResult:
-        if self._work_types and request.work_type not in self._work_types:
+        if request.work_type not in self._work_types:
             supported = ", ".join(sorted(self._work_types))
             return WorkResult.failed(
                 request,
@@ -492,6 +507,9 @@ class WorkerBase(abc.ABC):
         except ConfigError as exc:
             print(f"chiffon-worker: configuration error: {exc}", file=sys.stderr)
             return exc.exit_code
+        except TypeError as exc:  # an abstract method left out, capabilities without work_types
+            print(f"chiffon-worker: {cls.__name__} cannot be started: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
         worker.install_signal_handlers()
         try:
             return worker.run()

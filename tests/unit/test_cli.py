@@ -134,3 +134,27 @@ def test_password_in_amqp_url_flag_is_refused_without_echoing_it(
     assert code == EXIT_CONFIG
     assert "--amqp-url" in err
     assert "secret" not in err
+
+
+def test_a_worker_class_that_cannot_be_built_stops_with_one_line(tmp_path: Path) -> None:
+    module = tmp_path / "half_done.py"
+    module.write_text(
+        "from chiffon_worker import WorkerBase\n"
+        "class HalfDone(WorkerBase):\n"
+        "    def get_agent_capabilities(self):\n"
+        "        return {'work_types': ['x']}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHIFFON_")}
+    env.update(PYTHONPATH=str(tmp_path), CHIFFON_WORKER="half_done:HalfDone")
+    done = subprocess.run(
+        [sys.executable, "-m", "chiffon_worker", "run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 78
+    assert "Traceback" not in done.stderr
+    assert "HalfDone cannot be started" in done.stderr
+    assert "execute_work" in done.stderr

@@ -274,3 +274,13 @@ def test_consumer_timeout_closing_the_channel_is_explained_in_the_log(
         worker._explain_loss("connection: StreamLostError: EOF")
     [record] = caplog.records
     assert "consumer_timeout" in record.getMessage()
+
+
+@pytest.mark.parametrize("capabilities", [{}, {"work_types": []}, {"work_types": [""]}, []])
+def test_capabilities_must_list_the_work_types(capabilities: Any) -> None:
+    class Vague(EchoWorker):
+        def get_agent_capabilities(self) -> dict[str, Any]:
+            return capabilities  # type: ignore[no-any-return]
+
+    with pytest.raises(TypeError, match="work_types"):
+        Vague(Settings())

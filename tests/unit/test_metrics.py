@@ -162,3 +162,23 @@ def test_close_without_a_working_nvml_does_not_shut_it_down() -> None:
     metrics.close()
 
     assert nvml.shutdown_calls == 0
+
+
+def test_without_the_nvml_library_pynvml_is_not_even_imported(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import ctypes
+    import sys
+
+    def no_library(name: str) -> None:
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", no_library)
+    monkeypatch.delitem(sys.modules, "pynvml", raising=False)
+    probe = GpuProbe()
+    with caplog.at_level(logging.INFO, logger="chiffon_worker.metrics"):
+        assert probe.sample() == []
+        assert probe.sample() == []
+    assert "pynvml" not in sys.modules
+    [record] = caplog.records
+    assert "libnvidia-ml.so.1" in record.reason  # type: ignore[attr-defined]

@@ -76,7 +76,10 @@ class Rescuer(threading.Thread):
         while not self._stop_event.wait(WATCH_SECONDS):
             since = self._inline_since
             if since is not None and time.monotonic() - since >= self._take_over_after:
-                self._cover(since)
+                try:
+                    self._cover(since)
+                except Exception:  # this thread must outlive any one bad stretch
+                    logger.exception("rescue thread failed while covering long work")
 
     def _cover(self, since: float) -> None:
         with self.baton:

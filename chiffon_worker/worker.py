@@ -130,6 +130,7 @@ class WorkerBase(abc.ABC):
             on_tick=self._while_covering,
         )
         self._pending_beat: Outgoing | None = None
+        self._last_watchdog = 0.0  # fed by the loop, or the rescue thread covering for it
         self._stop_requested_at: float | None = None
         self._connections = 0
         self._metrics: HostMetrics | None = None
@@ -405,7 +406,6 @@ class WorkerBase(abc.ABC):
         self._consumer.on_connected()
         self._notifier.ready(f"connected to {self._link.current_url}, consuming")
         watchdog_every = self._notifier.watchdog_interval()
-        last_watchdog = 0.0
         stop_deadline: float | None = None
         while True:
             now = time.monotonic()
@@ -419,9 +419,9 @@ class WorkerBase(abc.ABC):
                 return True
             if self._consumer_cancelled:
                 raise ConnectionLost("broker cancelled our consumer (was the queue deleted?)")
-            if watchdog_every is not None and now - last_watchdog >= watchdog_every:
+            if watchdog_every is not None and now - self._last_watchdog >= watchdog_every:
                 self._notifier.watchdog()
-                last_watchdog = now
+                self._last_watchdog = now
             self._consumer.check_deadlines(now)
             self._link.process(LOOP_TICK_SECONDS)
             self._consumer.flush_outbox()
@@ -432,10 +432,13 @@ class WorkerBase(abc.ABC):
         if beat is not None:
             self._consumer.publish_now(beat)
         self._consumer.flush_outbox()  # progress reports
-        self._notifier.watchdog()
+        interval = self._notifier.watchdog_interval()
+        now = time.monotonic()
+        if interval is not None and now - self._last_watchdog >= interval:
+            self._notifier.watchdog()
+            self._last_watchdog = now
         if not self._stop.is_set():
             return
-        now = time.monotonic()
         if self._stop_requested_at is None:
             self._stop_requested_at = now
             self._begin_stop()

@@ -122,7 +122,13 @@ def open_connection(
                 f"TLS: the broker's certificate at {shown} is not trusted "
                 f"(check CHIFFON_TLS_CA_FILE and the host name): {exc!r}"
             ) from None
-        raise BrokerUnavailable(f"cannot connect to {shown}: {exc!r}") from None
+        hint = ""
+        if tls is not None and tls.cert_file and "SSLEOFError" in repr(exc):
+            # Under TLS 1.3 a broker that rejects our certificate may close the
+            # socket before its alert can be read: not provably a refusal, so
+            # retried (a broker restarting mid-handshake looks the same).
+            hint = "; if this repeats, the broker may not accept our client certificate"
+        raise BrokerUnavailable(f"cannot connect to {shown}: {exc!r}{hint}") from None
 
 
 # TLS alerts a broker sends when it rejects our client certificate; pika reports

@@ -19,7 +19,7 @@ import pytest
 
 from chiffon_worker.amqp import open_connection
 from chiffon_worker.config import TlsFiles
-from chiffon_worker.errors import EXIT_NOPERM, BrokerAuthError
+from chiffon_worker.errors import EXIT_NOPERM, BrokerAuthError, BrokerUnavailable, ChiffonError
 from tests.helpers.broker import Orchestrator, work_request
 from tests.helpers.ci import missing
 from tests.helpers.process import WorkerProcess
@@ -164,5 +164,20 @@ def test_a_client_certificate_the_broker_does_not_trust_is_refused_not_retried(
     # We trust the broker; the broker does not trust the CA that signed our certificate.
     tls = TlsFiles(str(pki.ca), str(pki.other_client_cert), str(pki.other_client_key))
 
-    with pytest.raises(BrokerAuthError, match="certificate"):
-        open_connection(tls_node.url(), heartbeat=30, blocked_timeout=10, tls=tls).close()
+    # Under TLS 1.3 the broker's alert can be lost in a race with its closing
+    # the socket; the worker then retries, saying what it suspects. The alert
+    # comes through on almost every try, so five tries without it mean the
+    # refusal is not recognised at all.
+    outcomes: list[ChiffonError] = []
+    for _ in range(5):
+        try:
+            open_connection(tls_node.url(), heartbeat=30, blocked_timeout=10, tls=tls).close()
+        except (BrokerAuthError, BrokerUnavailable) as exc:
+            outcomes.append(exc)
+            if isinstance(exc, BrokerAuthError):
+                break
+    refused = [str(o) for o in outcomes if isinstance(o, BrokerAuthError)]
+    suspected = [str(o) for o in outcomes if isinstance(o, BrokerUnavailable)]
+    assert refused, f"never refused, only: {suspected}"
+    assert "does not accept our client certificate" in refused[0]
+    assert all("may not accept our client certificate" in text for text in suspected)

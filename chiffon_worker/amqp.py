@@ -48,7 +48,6 @@ class Delivery:
     body: bytes
     reply_to: str | None
     correlation_id: str | None
-    redelivered: bool
 
 
 @dataclass
@@ -167,14 +166,23 @@ def declare(channel: BlockingChannel, topology: Topology) -> None:
         )
 
 
-def properties_for(message: Outgoing, reply_to: str | None = None) -> BasicProperties:
-    return BasicProperties(
+def _publish(channel: BlockingChannel, message: Outgoing, reply_to: str | None = None) -> None:
+    """To the default exchange, mandatory; blocks for the confirm in confirm mode."""
+    properties = BasicProperties(
         content_type=CONTENT_TYPE,
         delivery_mode=PERSISTENT if message.persistent else TRANSIENT,
         priority=message.priority,
         correlation_id=message.correlation_id,
         reply_to=reply_to,
     )
+    with _translated("basic.publish"):
+        channel.basic_publish(
+            exchange="",
+            routing_key=message.routing_key,
+            body=message.body,
+            properties=properties,
+            mandatory=True,
+        )
 
 
 class BrokerLink:
@@ -245,10 +253,15 @@ class BrokerLink:
     def consuming(self) -> bool:
         return self._consumer_tag is not None
 
-    def close(self) -> None:
+    def _detach(self) -> BlockingConnection | None:
+        """Forget the current connection (under the lock other threads look through)."""
         with self._swap_lock:
             connection, self._connection, self._channel = self._connection, None, None
         self._consumer_tag = None
+        return connection
+
+    def close(self) -> None:
+        connection = self._detach()
         if connection is not None:
             _close_quietly(connection)
 
@@ -258,9 +271,7 @@ class BrokerLink:
         A graceful close would wait for the peer's Close-Ok, which a stalled
         or half-open connection never sends.
         """
-        with self._swap_lock:
-            connection, self._connection, self._channel = self._connection, None, None
-        self._consumer_tag = None
+        connection = self._detach()
         if connection is None or not connection.is_open:
             return
         with contextlib.suppress(Exception):  # it is already broken; only cleaning up
@@ -302,7 +313,6 @@ class BrokerLink:
                 body=body,
                 reply_to=props.reply_to,
                 correlation_id=props.correlation_id,
-                redelivered=bool(method.redelivered),
             )
         )
 
@@ -343,15 +353,7 @@ class BrokerLink:
 
     def publish(self, message: Outgoing) -> None:
         """Publish to the default exchange and wait for the broker's confirm."""
-        channel = self._require_channel()
-        with _translated("basic.publish"):
-            channel.basic_publish(
-                exchange="",
-                routing_key=message.routing_key,
-                body=message.body,
-                properties=properties_for(message),
-                mandatory=True,
-            )
+        _publish(self._require_channel(), message)
 
     # -- the event loop and the cross-thread door -----------------------------
 
@@ -467,14 +469,7 @@ class RequestClient:
             correlation_id=correlation_id,
             persistent=priority >= 4,
         )
-        with _translated("basic.publish"):
-            self._channel.basic_publish(
-                exchange="",
-                routing_key=message.routing_key,
-                body=message.body,
-                properties=properties_for(message, reply_to=self._reply_queue),
-                mandatory=True,
-            )
+        _publish(self._channel, message, reply_to=self._reply_queue)
 
     def next_reply(self, timeout: float) -> bytes | None:
         """The next message on our reply queue, or None after `timeout` seconds."""

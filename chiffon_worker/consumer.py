@@ -410,16 +410,13 @@ class RequestConsumer:
     def _dead_letter(self, delivery: Delivery, problem: InvalidMessage) -> None:
         with message_context(**problem.ids):
             logger.warning("invalid message dead-lettered", extra={"reason": problem.reason})
-            self._stats.dead_lettered()
-            self._link.reject(delivery.tag, requeue=False)
-            if problem.ids:
-                error = ErrorMessage(
-                    error_code=ERROR_INVALID_MESSAGE,
-                    error_message=f"invalid message: {problem.reason}",
-                    context={"reason": problem.reason},
-                )
-                self._reply(error, delivery, problem.ids, [])
-                self.flush_outbox()
+            # Without readable ids there is nobody to address an error to.
+            error = ErrorMessage(
+                error_code=ERROR_INVALID_MESSAGE,
+                error_message=f"invalid message: {problem.reason}",
+                context={"reason": problem.reason},
+            )
+            self._refuse(delivery, error, problem.ids or None)
 
     def _wrong_agent(self, delivery: Delivery, envelope: Envelope) -> None:
         reason = (
@@ -427,15 +424,25 @@ class RequestConsumer:
             f"{self._settings.agent_type!r}"
         )
         logger.warning("request for another agent type dead-lettered", extra={"reason": reason})
-        self._stats.dead_lettered()
-        self._link.reject(delivery.tag, requeue=False)
         error = ErrorMessage(
             error_code=ERROR_UNSUPPORTED_WORK_TYPE,
             error_message=reason,
             context={"to_agent": envelope.to_agent, "agent_type": self._settings.agent_type},
         )
-        self._reply(error, delivery, envelope, [])
-        self.flush_outbox()
+        self._refuse(delivery, error, envelope)
+
+    def _refuse(
+        self,
+        delivery: Delivery,
+        error: ErrorMessage,
+        answer_to: Envelope | dict[str, str] | None,
+    ) -> None:
+        """Reject without requeue (to dlx_queue) and send `error` where it can be addressed."""
+        self._stats.dead_lettered()
+        self._link.reject(delivery.tag, requeue=False)
+        if answer_to is not None:
+            self._reply(error, delivery, answer_to, [])
+            self.flush_outbox()
 
     # -- outbox ---------------------------------------------------------------
 

@@ -11,23 +11,25 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
 logger = logging.getLogger(__name__)
 
+MessageT = TypeVar("MessageT")
 
-class HeartbeatThread(threading.Thread):
+
+class HeartbeatThread(threading.Thread, Generic[MessageT]):
     def __init__(
         self,
         interval: float,
-        build: Callable[[], bytes],
-        send: Callable[[bytes], bool],
+        build: Callable[[], MessageT],
+        send: Callable[[MessageT], bool],
     ) -> None:
         super().__init__(name="chiffon-heartbeat", daemon=True)
         self._interval = interval
         self._build = build
         self._send = send
         self._stop_event = threading.Event()
-        self.sent = 0
 
     def run(self) -> None:
         # The connection thread sends one at once on every (re)connect, so the
@@ -40,13 +42,11 @@ class HeartbeatThread(threading.Thread):
 
     def beat(self) -> None:
         try:
-            body = self._build()
+            message = self._build()
         except Exception:  # a metrics failure must not kill the heartbeat thread
             logger.exception("could not build a heartbeat")
             return
-        if self._send(body):
-            self.sent += 1
-        else:
+        if not self._send(message):
             logger.debug("heartbeat dropped: not connected")
 
     def stop(self) -> None:

@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
-from typing import Any, TextIO
+from typing import TextIO
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -111,8 +111,3 @@ def setup_logging(
         logging.DEBUG if root.level <= logging.DEBUG else logging.CRITICAL
     )
     return handler
-
-
-def fields(**values: Any) -> dict[str, Any]:
-    """extra= for a log call, dropping None so text lines stay short."""
-    return {k: v for k, v in values.items() if v is not None}

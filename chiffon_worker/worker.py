@@ -275,8 +275,7 @@ class WorkerBase(abc.ABC):
             priority=HEARTBEAT_PRIORITY,
         )
 
-    def _send_heartbeat_threadsafe(self, body: bytes) -> bool:
-        message = Outgoing(self.settings.reply_queue, body, HEARTBEAT_PRIORITY)
+    def _send_heartbeat_threadsafe(self, message: Outgoing) -> bool:
         if self._rescuer.active:
             # The connection thread is running long work: the rescue thread sends it.
             self._pending_beat = message
@@ -333,7 +332,7 @@ class WorkerBase(abc.ABC):
         self._metrics = HostMetrics()
         heartbeat = HeartbeatThread(
             self.settings.heartbeat_interval,
-            lambda: self._heartbeat().body,
+            self._heartbeat,
             self._send_heartbeat_threadsafe,
         )
         heartbeat.start()

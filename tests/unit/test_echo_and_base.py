@@ -58,7 +58,6 @@ def task_for(work_request: WorkRequest) -> Task:
         body=body,
         reply_to=None,
         correlation_id=None,
-        redelivered=False,
     )
     return Task(delivery, envelope, parsed)
 

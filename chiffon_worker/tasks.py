@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from chiffon_worker.amqp import Delivery
+from chiffon_worker.log import message_context
 from chiffon_worker.protocol import Envelope, WorkRequest, WorkResult
 
 logger = logging.getLogger(__name__)
@@ -113,12 +114,16 @@ class WorkThreads:
 
     def _loop(self) -> None:
         while (task := self._queue.get()) is not None:
-            result = self._run(task)
-            if task.finish(result):
-                self._hand_over(task)
-            if self._after is not None:
-                # Let the connection thread take the GIL first: the "after" work
-                # (logging) then runs while it waits on the broker's confirm,
-                # instead of keeping it from publishing.
-                time.sleep(0)
-                self._after(task)
+            # Every record of this task, the user's included, carries its ids.
+            with message_context(**task.log_ids):
+                self._work_on(task)
+
+    def _work_on(self, task: Task) -> None:
+        if task.finish(self._run(task)):
+            self._hand_over(task)
+        if self._after is not None:
+            # Let the connection thread take the GIL first: the "after" work
+            # (logging) then runs while it waits on the broker's confirm,
+            # instead of keeping it from publishing.
+            time.sleep(0)
+            self._after(task)

@@ -36,7 +36,7 @@ from chiffon_worker.errors import (
     ConnectionLost,
 )
 from chiffon_worker.heartbeat import HeartbeatThread
-from chiffon_worker.log import message_context, setup_logging
+from chiffon_worker.log import setup_logging
 from chiffon_worker.metrics import HostMetrics, peak_memory_mb
 from chiffon_worker.protocol import (
     HEARTBEAT_PRIORITY,
@@ -186,17 +186,17 @@ class WorkerBase(abc.ABC):
     # -- running a task (work thread) ----------------------------------------
 
     def _run_task(self, task: Task) -> WorkResult:
+        """Run the work and stamp the result; the caller has set the task's log context."""
         envelope, request = task.envelope, task.request
-        with message_context(**task.log_ids):
-            started = time.monotonic()
-            cpu_started = time.thread_time()
-            result = self._execute_guarded(request, task)
-            duration_ms = int((time.monotonic() - started) * 1000)
-            resources = {
-                "cpu_time_ms": int((time.thread_time() - cpu_started) * 1000),
-                "memory_peak_mb": peak_memory_mb(),
-                **result.resources_used,
-            }
+        started = time.monotonic()
+        cpu_started = time.thread_time()
+        result = self._execute_guarded(request, task)
+        duration_ms = int((time.monotonic() - started) * 1000)
+        resources = {
+            "cpu_time_ms": int((time.thread_time() - cpu_started) * 1000),
+            "memory_peak_mb": peak_memory_mb(),
+            **result.resources_used,
+        }
         return result.model_copy(
             update={
                 "duration_ms": duration_ms,
@@ -209,13 +209,12 @@ class WorkerBase(abc.ABC):
 
     @staticmethod
     def _log_finished(task: Task) -> None:
-        """Work thread, after the result went to the connection thread (off its path)."""
+        """After the result went out; the task's log context is still set."""
         result = task.result
         assert result is not None
         logger.info(
             "work finished",
             extra={
-                **task.log_ids,
                 "work_type": task.request.work_type,
                 "status": result.status,
                 "exit_code": result.exit_code,

@@ -307,6 +307,7 @@ def scenario_throughput(ctx: RunContext) -> Outcome:
     collector = ctx.collector
     requests = [echo_request(i) for i in range(n)]
     collector.expect(task_id for task_id, _ in requests)
+    cpu_before = ctx.worker.cpu_seconds_schedstat()
     first_publish = time.perf_counter()
     for _, body in requests:
         ctx.session.publish(body)
@@ -328,8 +329,13 @@ def scenario_throughput(ctx: RunContext) -> Outcome:
     require_completed(replies)
     elapsed = max(r.arrival for r in replies) - first_publish
     rss = ctx.worker.rss_mib()
+    cpu_after = ctx.worker.cpu_seconds_schedstat()
+    figures = {"throughput": n / elapsed, "rss": rss}
+    if cpu_before is not None and cpu_after is not None:
+        # What one message costs the worker in CPU, whatever else shares the machine.
+        figures["cpu_per_message"] = (cpu_after - cpu_before) / n * 1e6
     return Outcome(
-        {"throughput": n / elapsed, "rss": rss},
+        figures,
         {
             "n": n,
             "seconds": round(elapsed, 4),

@@ -54,6 +54,7 @@ FIGURES: tuple[Figure, ...] = (
         0,
         Target(">= 0.9x B", _ratio_to_b(0.9, True)),
     ),
+    Figure("cpu_per_message", "throughput", "worker CPU per message", "us", 0),
     Figure("latency_p50", "latency", "latency p50", "ms", 3),
     Figure(
         "latency_p99",

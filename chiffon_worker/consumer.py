@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from chiffon_worker.amqp import Delivery, DeliveryTag, Outgoing
+from chiffon_worker.amqp import Delivery, DeliveryTag, Outgoing, PublishState
 from chiffon_worker.config import Settings
-from chiffon_worker.errors import InvalidMessage, PublishFailed
+from chiffon_worker.errors import InvalidMessage
 from chiffon_worker.idempotency import ClaimState, IdempotencyCache
 from chiffon_worker.log import message_context
 from chiffon_worker.protocol import (
@@ -60,7 +60,7 @@ class Link(Protocol):
     def stop_consuming(self) -> None: ...
     def ack(self, tag: DeliveryTag) -> bool: ...
     def reject(self, tag: DeliveryTag, *, requeue: bool) -> bool: ...
-    def publish(self, message: Outgoing) -> None: ...
+    def publish(self, message: Outgoing) -> None: ...  # the broker answers in message.state
     def call_threadsafe(self, callback: Callable[[], None]) -> bool: ...
     def call_later(self, delay: float, callback: Callable[[], None]) -> object | None: ...
     def cancel_timer(self, timer: object | None) -> None: ...
@@ -214,7 +214,7 @@ class RequestConsumer:
             self._dead_letter(delivery, InvalidMessage(f"unreadable message: {type(exc).__name__}"))
             return
         task = Task(delivery, envelope, request)
-        with message_context(**task.log_ids):
+        with task.log_context():
             if envelope.to_agent != self._settings.agent_type:
                 self._wrong_agent(delivery, envelope)
                 return
@@ -299,6 +299,9 @@ class RequestConsumer:
         Deliveries of the same message (a redelivery after a lost ack) share
         that one result, and in late mode all of them are acked after it.
         """
+        if not task.duplicates:  # nearly always
+            self._queue_result(result, task.delivery, task.envelope, self._late_acks(task.delivery))
+            return {task.envelope.message_id}
         by_message: dict[uuid.UUID, tuple[Delivery, Envelope, list[DeliveryTag]]] = {}
         for delivery, envelope in [(task.delivery, task.envelope), *task.duplicates]:
             first = by_message.setdefault(envelope.message_id, (delivery, envelope, []))
@@ -314,7 +317,7 @@ class RequestConsumer:
                 continue
             task.abandoned = True
             limit = task.deadline - task.started
-            with message_context(**task.log_ids):
+            with task.log_context():
                 logger.error(
                     "work exceeded its time limit: failing it, its thread is left behind",
                     extra={"max_duration_seconds": limit, "error_code": ERROR_TIMEOUT},
@@ -375,6 +378,7 @@ class RequestConsumer:
             body=body,
             priority=priority,
             correlation_id=delivery.correlation_id,
+            awaited=self._late_ack,
         )
 
     def _queue_result(
@@ -452,33 +456,50 @@ class RequestConsumer:
         self._link.call_threadsafe(self.flush_outbox)
 
     def flush_outbox(self) -> None:
-        """Publish queued messages in order; each leaves the outbox only once confirmed."""
-        while self._outbox and self._link.is_open:
-            entry = self._outbox[0]
-            try:
-                if entry.message is not None:
-                    self._link.publish(entry.message)
-            except PublishFailed as exc:
-                assert entry.message is not None
-                entry.message.attempts += 1
-                if entry.message.attempts < MAX_PUBLISH_ATTEMPTS:
-                    logger.warning("publish not confirmed, will retry", extra={"reason": str(exc)})
-                    return
-                logger.error(
-                    "publish failed for good: message dropped",
-                    extra={"reason": str(exc), "routing_key": entry.message.routing_key},
-                )
-            self._outbox.popleft()
-            for tag in entry.acks:
+        """Publish what has not gone out on this channel, then settle what is answered.
+
+        Publishes do not wait for their confirms (see amqp.py); an entry
+        leaves the outbox only once its message is confirmed, in order, and
+        its late acks go out then.
+        """
+        if not self._link.is_open:
+            return
+        for entry in self._outbox:
+            if entry.message is not None and entry.message.state is PublishState.UNSENT:
+                self._link.publish(entry.message)
+        self.settle()
+
+    def settle(self) -> None:
+        """Retire answered entries from the head of the outbox (the link calls this)."""
+        # Later entries wait behind one the broker has not answered yet.
+        while self._outbox and self._may_leave(self._outbox[0].message):
+            for tag in self._outbox.popleft().acks:
                 self._link.ack(tag)
+
+    def _may_leave(self, message: Outgoing | None) -> bool:
+        """Confirmed, or refused for the last time (a refusal before that sends it again)."""
+        if message is None or message.state is PublishState.CONFIRMED:
+            return True
+        return message.state is PublishState.REFUSED and not self._retried(message)
+
+    def _retried(self, message: Outgoing) -> bool:
+        """Send a refused message again; False (dropped) once it has had its attempts."""
+        message.attempts += 1
+        if message.attempts >= MAX_PUBLISH_ATTEMPTS:
+            logger.error(
+                "publish failed for good: message dropped",
+                extra={"reason": message.refusal, "routing_key": message.routing_key},
+            )
+            return False
+        logger.warning("publish refused by the broker, retrying", extra={"reason": message.refusal})
+        message.state = PublishState.UNSENT
+        if self._link.is_open:
+            self._link.publish(message)
+        return True
 
     def publish_now(self, message: Outgoing) -> None:
         """Heartbeats: best effort, never queued (the next one supersedes it)."""
-        try:
-            self._link.publish(message)
-        except PublishFailed as exc:
-            logger.warning("heartbeat not confirmed", extra={"reason": str(exc)})
-            return
+        self._link.publish(message)
         self._stats.heartbeat_sent(time.time())
 
     def pending(self) -> int:

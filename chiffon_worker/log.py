@@ -7,14 +7,16 @@ written deep inside user code still carries the trace_id.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import sys
-from collections.abc import Iterator, Sequence
-from contextvars import ContextVar
-from typing import TextIO
+import time
+from collections.abc import Sequence
+from contextvars import ContextVar, Token
+from types import TracebackType
+from typing import Any, TextIO
 
+from pydantic_core import to_json
 from pythonjsonlogger.json import JsonFormatter
 
 CONTEXT_FIELDS = ("trace_id", "request_id", "task_id")
@@ -24,16 +26,35 @@ _context: ContextVar[dict[str, str | None]] = ContextVar("chiffon_log_context", 
 logger = logging.getLogger("chiffon_worker")
 
 
-@contextlib.contextmanager
-def message_context(**ids: object) -> Iterator[None]:
-    """Attach trace_id / request_id / task_id to every record logged inside."""
+class LogContext:
+    """While entered, every record carries these ids (a dict with every CONTEXT_FIELD).
+
+    A class rather than a generator-based context manager: one is entered
+    for every message, and this costs a third as much.
+    """
+
+    __slots__ = ("_ids", "_token")
+
+    def __init__(self, ids: dict[str, str | None]) -> None:
+        self._ids = ids
+
+    def __enter__(self) -> None:
+        self._token: Token[dict[str, str | None]] = _context.set(self._ids)
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        _context.reset(self._token)
+
+
+def message_context(**ids: object) -> LogContext:
+    """Attach trace_id / request_id / task_id (over the ambient ones) to records inside."""
     current = dict(_context.get())
     current.update({k: (None if v is None else str(v)) for k, v in ids.items()})
-    token = _context.set(current)
-    try:
-        yield
-    finally:
-        _context.reset(token)
+    return LogContext(current)
 
 
 class _ContextFilter(logging.Filter):
@@ -76,13 +97,61 @@ class _TextFormatter(logging.Formatter):
         return line
 
 
+def _serialize(document: object, **_options: object) -> str:
+    """pydantic-core's encoder: a third of json.dumps's cost on the per-task line."""
+    try:
+        return to_json(document, fallback=str).decode("utf-8")
+    except ValueError:  # what it cannot encode (bytes that are not UTF-8, say)
+        return json.dumps(document, default=str, ensure_ascii=False)
+
+
+# Our format's fields and their names in the JSON line.
+_RENAMED = {"asctime": "time", "levelname": "level", "name": "logger", "message": "message"}
+
+
+class _JsonFormatter(JsonFormatter):
+    """python-json-logger's formatter, made cheaper where the worker logs every task.
+
+    The time stamp is formatted once a second, and `add_fields` does for our
+    fixed format what the base class does generically (a unit test holds the
+    two to the same output): together half the cost of a line.
+    """
+
+    _stamp: tuple[int, str] = (-1, "")
+
+    def __init__(self) -> None:
+        super().__init__(
+            " ".join(f"%({field})s" for field in _RENAMED),
+            rename_fields={k: v for k, v in _RENAMED.items() if k != v},
+            timestamp=False,
+            json_serializer=_serialize,
+        )
+
+    def add_fields(
+        self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]
+    ) -> None:
+        fields = record.__dict__
+        for field, name in _RENAMED.items():
+            log_data[name] = fields.get(field)
+        for key, value in message_dict.items():
+            log_data[_RENAMED.get(key, key)] = value
+        skip = self._skip_fields
+        for key, value in fields.items():
+            if key not in skip and not key.startswith("_"):
+                log_data[key] = value
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        second = int(record.created)
+        stamp = self._stamp
+        if stamp[0] != second:
+            stamp = (second, time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second)))
+            self._stamp = stamp  # one assignment: safe for records from other threads
+        # The same text as logging's default: "2026-11-28 20:29:51,975".
+        return f"{stamp[1]},{int(record.msecs):03d}"
+
+
 def _json_formatter() -> logging.Formatter:
-    return JsonFormatter(
-        "%(asctime)s %(levelname)s %(name)s %(message)s",
-        rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
-        timestamp=False,
-        json_ensure_ascii=False,
-    )
+    return _JsonFormatter()
 
 
 def setup_logging(
@@ -105,6 +174,11 @@ def setup_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # Nobody reads a record's process name or pid here (one worker, one
+    # process; the journal has the pid), and looking them up is a fifth of
+    # what the per-task line costs.
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     # pika logs each connection failure as several ERROR lines with tracebacks;
     # the worker logs the same event once, in its own words. Keep pika for DEBUG.
     logging.getLogger("pika").setLevel(

@@ -16,13 +16,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from chiffon_worker.amqp import Delivery
-from chiffon_worker.log import message_context
+from chiffon_worker.log import LogContext
 from chiffon_worker.protocol import Envelope, WorkRequest, WorkResult
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+class _Handoff:
+    """Which door a work thread's result takes; only tasks on a work thread need one."""
+
+    __slots__ = ("caller_waiting", "done", "finished", "lock")
+
+    def __init__(self) -> None:
+        # A lock held until the work is done: ten times cheaper to make than an Event.
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.lock = threading.Lock()
+        self.caller_waiting = True
+        self.finished = False
+
+
+@dataclass(slots=True, eq=False)
 class Task:
     delivery: Delivery
     envelope: Envelope
@@ -34,17 +48,11 @@ class Task:
     duplicates: list[tuple[Delivery, Envelope]] = field(default_factory=list)
     progress_step: int = 0
     abandoned: bool = False
-    # A lock held until the work is done: ten times cheaper to make than an
-    # Event, and made once per message.
-    _done: threading.Lock = field(default_factory=threading.Lock)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _caller_waiting: bool = True
-    _finished: bool = False
     request_id: str = field(init=False)
-    log_ids: dict[str, str] = field(init=False)
+    log_ids: dict[str, str | None] = field(init=False)
+    _handoff: _Handoff | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        self._done.acquire()
         # Strings made once: they key the cache and tag every log record.
         self.request_id = str(self.envelope.request_id)
         self.log_ids = {
@@ -53,23 +61,35 @@ class Task:
             "task_id": str(self.request.task_id),
         }
 
+    def expect_handoff(self) -> None:
+        """Before a work thread takes it: from now on its result may come by either door."""
+        self._handoff = _Handoff()
+
+    def log_context(self) -> LogContext:
+        return LogContext(self.log_ids)
+
     def finish(self, result: WorkResult) -> bool:
-        """Called by the work thread; True if it must hand the task over itself."""
+        """Called by whoever ran the work; True if it must hand the task over itself."""
         self.result = result
-        with self._lock:
-            self._finished = True
-            hand_over = not self._caller_waiting
-        self._done.release()
+        handoff = self._handoff
+        if handoff is None:
+            return False  # run inline: the caller is right here
+        with handoff.lock:
+            handoff.finished = True
+            hand_over = not handoff.caller_waiting
+        handoff.done.release()
         return hand_over
 
     def wait_briefly(self, seconds: float) -> bool:
         """Called by the connection thread; True if it now owns the finished task."""
-        if self._done.acquire(timeout=seconds):
-            self._done.release()  # keep it open for anyone else who looks
-        with self._lock:
-            if self._finished:
+        handoff = self._handoff
+        assert handoff is not None, "only for a task given to WorkThreads"
+        if handoff.done.acquire(timeout=seconds):
+            handoff.done.release()  # keep it open for anyone else who looks
+        with handoff.lock:
+            if handoff.finished:
                 return True
-            self._caller_waiting = False
+            handoff.caller_waiting = False
             return False
 
 
@@ -106,6 +126,7 @@ class WorkThreads:
         thread.start()
 
     def submit(self, task: Task) -> None:
+        task.expect_handoff()
         self._queue.put(task)
 
     def stop(self) -> None:
@@ -115,7 +136,7 @@ class WorkThreads:
     def _loop(self) -> None:
         while (task := self._queue.get()) is not None:
             # Every record of this task, the user's included, carries its ids.
-            with message_context(**task.log_ids):
+            with task.log_context():
                 self._work_on(task)
 
     def _work_on(self, task: Task) -> None:

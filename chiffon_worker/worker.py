@@ -22,7 +22,7 @@ import uuid
 from types import FrameType
 from typing import Any, ClassVar
 
-from chiffon_worker.amqp import BrokerLink, Outgoing
+from chiffon_worker.amqp import BrokerLink, Outgoing, PublishState
 from chiffon_worker.config import Settings, load_settings, unknown_variables
 from chiffon_worker.consumer import HOLD_GRACE_SECONDS, RequestConsumer
 from chiffon_worker.errors import (
@@ -61,6 +61,8 @@ LOOP_TICK_SECONDS = 0.5
 TAKE_OVER_AFTER_SECONDS = 0.25
 BACKOFF_FIRST_SECONDS = 0.5
 BACKOFF_CAP_SECONDS = 30.0
+# How long a stop waits for the broker to confirm what is still in the outbox.
+CONFIRM_WAIT_SECONDS = 5.0
 
 
 class Backoff:
@@ -110,6 +112,7 @@ class WorkerBase(abc.ABC):
             blocked_timeout=self.settings.blocked_connection_timeout,
             on_delivery=self._on_delivery,
             on_consumer_cancelled=self._on_consumer_cancelled,
+            on_confirmed=lambda: self._consumer.settle(),
             tls=self.settings.tls_files(),
         )
         self._stats = make_stats(self.settings.metrics_port, self.settings.metrics_host)
@@ -487,9 +490,20 @@ class WorkerBase(abc.ABC):
                 },
             )
         self._consumer.flush_outbox()
-        self._consumer.publish_now(self._heartbeat("offline"))
+        offline = self._heartbeat("offline")
+        self._consumer.publish_now(offline)
+        self._await_confirms(offline)
         logger.info("stopped", extra={"unsent": self._consumer.pending()})
         self._link.close()
+
+    def _await_confirms(self, last: Outgoing) -> None:
+        """Service the connection until the broker has confirmed the outbox and `last`."""
+        deadline = time.monotonic() + CONFIRM_WAIT_SECONDS
+        while self._consumer.pending() or last.state is PublishState.WAITING:
+            if time.monotonic() >= deadline:
+                return
+            self._link.process(0.05)
+            self._consumer.flush_outbox()
 
     # -- entry point for scripts and the CLI ---------------------------------
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from pythonjsonlogger.json import JsonFormatter
 
-from chiffon_worker.log import message_context, setup_logging
+from chiffon_worker.log import _json_formatter, message_context, setup_logging
 
 Setup = Callable[..., io.StringIO]
 LOGGER = logging.getLogger("chiffon_worker.tests")
@@ -22,6 +24,7 @@ def logging_to() -> Iterator[Setup]:
     root = logging.getLogger()
     pika = logging.getLogger("pika")
     saved_handlers, saved_level, saved_pika_level = list(root.handlers), root.level, pika.level
+    saved_flags = logging.logProcesses, logging.logMultiprocessing
     installed: list[logging.Handler] = []
 
     def setup(fmt: str = "json", secrets: tuple[str, ...] = ()) -> io.StringIO:
@@ -36,6 +39,7 @@ def logging_to() -> Iterator[Setup]:
         root.addHandler(handler)
     root.setLevel(saved_level)
     pika.setLevel(saved_pika_level)
+    logging.logProcesses, logging.logMultiprocessing = saved_flags
 
 
 def json_lines(stream: io.StringIO) -> list[dict[str, Any]]:
@@ -111,3 +115,38 @@ def test_secret_with_json_escaped_characters_never_appears(logging_to: Setup, se
     LOGGER.warning("login failed", extra={"password": secret})
 
     assert json_lines(stream)[0]["password"] != secret
+
+
+def _record(msg: object, **extra: Any) -> logging.LogRecord:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        exc_info = sys.exc_info() if extra.pop("with_exception", False) else None
+    record = LOGGER.makeRecord(LOGGER.name, logging.WARNING, __file__, 1, msg, (), exc_info)
+    for key, value in extra.items():
+        setattr(record, key, value)
+    return record
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        pytest.param(lambda: _record("work finished", work_type="echo", exit_code=0), id="extras"),
+        pytest.param(lambda: _record("work raised", with_exception=True), id="exception"),
+        pytest.param(lambda: _record({"event": "dict message", "name": "x"}), id="dict-message"),
+        pytest.param(lambda: _record("ünïcode %s", trace_id=None, _private=1), id="unicode"),
+    ],
+)
+def test_our_json_formatter_writes_what_python_json_logger_writes(
+    record: Callable[[], logging.LogRecord],
+) -> None:
+    """The per-task fast path must not change a line: same fields, same values."""
+    stock = JsonFormatter(
+        "%(asctime)s %(levelname)s %(name)s %(message)s",
+        rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+        timestamp=False,
+        json_ensure_ascii=False,
+    )
+    ours = _json_formatter()
+    made = record()
+    assert json.loads(ours.format(made)) == json.loads(stock.format(made))

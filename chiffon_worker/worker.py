@@ -138,6 +138,7 @@ class WorkerBase(abc.ABC):
         self._connections = 0
         self._metrics: HostMetrics | None = None
         self._consumer_cancelled = False
+        self._said_offline = False
 
     # -- what a subclass writes ----------------------------------------------
 
@@ -283,7 +284,7 @@ class WorkerBase(abc.ABC):
             self._pending_beat = message
             sent = True
         else:
-            sent = self._link.call_threadsafe(lambda: self._consumer.publish_now(message))
+            sent = self._link.call_threadsafe(lambda: self._publish_beat(message))
         if sent:
             # systemctl status shows this line; refreshed at heartbeat pace, off the hot path.
             running = self._consumer.current_task_ids()
@@ -294,6 +295,12 @@ class WorkerBase(abc.ABC):
                 else f"connected to {where}, idle"
             )
         return sent
+
+    def _publish_beat(self, message: Outgoing) -> None:
+        # A beat still on its way to this thread after the goodbye would say
+        # "online" or "busy" after "offline".
+        if not self._said_offline:
+            self._consumer.publish_now(message)
 
     # -- link callbacks (connection thread) ----------------------------------
 
@@ -491,6 +498,7 @@ class WorkerBase(abc.ABC):
             )
         self._consumer.flush_outbox()
         offline = self._heartbeat("offline")
+        self._said_offline = True
         self._consumer.publish_now(offline)
         self._await_confirms(offline)
         logger.info("stopped", extra={"unsent": self._consumer.pending()})

@@ -70,7 +70,7 @@ class Settings(BaseModel):
     idempotency_size: int = Field(default=1000, ge=1)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["json", "text"] = "json"
-    worker: str = Field(default=DEFAULT_WORKER, pattern=r"^\w+(\.\w+)*:\w+$")
+    worker: str = DEFAULT_WORKER
     work_queue: str = Field(default="work_queue", min_length=1, max_length=255)
     reply_queue: str = Field(default="reply_queue", min_length=1, max_length=255)
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
@@ -83,6 +83,16 @@ class Settings(BaseModel):
     @classmethod
     def _upper_level(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("worker")
+    @classmethod
+    def _module_colon_class(cls, value: str) -> str:
+        # Checked here, not with a `pattern`: pydantic-core compiles Unicode
+        # \w into a 2 MiB automaton that every worker would carry.
+        module, _, name = value.partition(":")
+        if not (name.isidentifier() and all(part.isidentifier() for part in module.split("."))):
+            raise ValueError("expected module.path:ClassName, e.g. chiffon_worker.echo:EchoWorker")
+        return value
 
     @field_validator("amqp_url")
     @classmethod

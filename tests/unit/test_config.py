@@ -88,6 +88,10 @@ def test_empty_value_means_the_default(tmp_path: Path) -> None:
         ("CHIFFON_AGENT_TYPE", "janitor"),
         ("CHIFFON_LOG_FORMAT", "xml"),
         ("CHIFFON_WORKER", "not a spec"),
+        ("CHIFFON_WORKER", "module.only"),
+        ("CHIFFON_WORKER", "my-module:Worker"),
+        ("CHIFFON_WORKER", "pkg..mod:Worker"),
+        ("CHIFFON_WORKER", "pkg.mod:Work.er"),
     ],
 )
 def test_bad_value_error_starts_with_the_variable_name(variable: str, value: str) -> None:

@@ -227,7 +227,11 @@ _SHARED_PROPERTIES: dict[tuple[int, bool], BasicProperties] = {}
 
 
 def _publish(channel: BlockingChannel, message: Outgoing, reply_to: str | None = None) -> None:
-    """To the default exchange, mandatory; blocks for the confirm in confirm mode."""
+    """To the default exchange, mandatory.
+
+    On a channel in BlockingChannel's confirm mode (RequestClient) this waits
+    for the confirm; on BrokerLink's it returns once the message is written.
+    """
     with _translated("basic.publish"):
         channel.basic_publish(
             exchange="",
@@ -425,21 +429,14 @@ class BrokerLink:
     def publish(self, message: Outgoing) -> None:
         """Publish to the default exchange; `message.state` follows the broker's answer.
 
-        Only queued on the socket: the loop writes it when it next services
-        the connection, together with whatever else is due.
+        Written out at once (the broker gets it sooner, and the next delivery
+        is read on the way), but its confirm is not waited for.
         """
         channel = self._require_channel()
         self._published += 1
         message.state, message.refusal = PublishState.WAITING, ""
         self._unconfirmed[self._published] = message
-        with _translated("basic.publish"):
-            channel._impl.basic_publish(
-                exchange="",
-                routing_key=message.routing_key,
-                body=message.body,
-                properties=_properties(message),
-                mandatory=True,
-            )
+        _publish(channel, message)
 
     def _enable_confirms(self, channel: BlockingChannel, generation: int) -> None:
         """Confirm mode driven by our callbacks, not BlockingChannel's wait per publish."""

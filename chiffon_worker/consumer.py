@@ -30,8 +30,7 @@ from chiffon_worker.protocol import (
     ErrorMessage,
     Payload,
     WorkResult,
-    encode_message,
-    parse_envelope,
+    encode_message_parts,
     parse_work_request,
 )
 from chiffon_worker.stats import Stats
@@ -78,18 +77,19 @@ class OutboxEntry:
 class Answered:
     """What the idempotency cache remembers of a finished request.
 
-    The answer is kept as the bytes that were sent, not as a WorkResult: a
-    third of the memory, for a cache of a thousand; a duplicate (rare) pays
-    for parsing it back.
+    The answer is kept as the JSON of the WorkResult that was sent, not as
+    the model: a quarter of the memory, for a cache of a thousand; a
+    duplicate (rare) pays for parsing it back.
     """
 
-    body: bytes
+    result_json: bytes
     # Every request message answered with it: a redelivery of one of them (its
-    # ack lost with a connection) is acked, not answered a second time.
-    message_ids: set[uuid.UUID]
+    # ack lost with a connection) is acked, not answered a second time. A
+    # tuple: nearly always one, and a set costs four times the memory.
+    message_ids: tuple[uuid.UUID, ...]
 
     def result(self) -> WorkResult:
-        return WorkResult.model_validate(parse_envelope(self.body).payload)
+        return WorkResult.model_validate_json(self.result_json)
 
 
 class RequestConsumer:
@@ -242,7 +242,7 @@ class RequestConsumer:
                 self._outbox.append(OutboxEntry(None, self._late_acks(delivery)))
             else:
                 logger.info("duplicate request: sending the cached result")
-                claim.result.message_ids.add(envelope.message_id)
+                claim.result.message_ids += (envelope.message_id,)
                 answer = claim.result.result()
                 self._queue_result(answer, delivery, envelope, self._late_acks(delivery))
             self.flush_outbox()
@@ -297,6 +297,8 @@ class RequestConsumer:
         self._running.pop(task.request_id, None)
         self._stats.in_flight(len(self._running))
         self._stats.finished(task.result.status, task.result.duration_ms / 1000)
+        # Recorded before publishing: a publish may raise ConnectionLost, and a
+        # request left "in flight" would swallow its retries.
         self._cache.complete(task.request_id, self._answer_all(task, task.result))
         self.flush_outbox()
         self._slot_freed()
@@ -308,16 +310,16 @@ class RequestConsumer:
         that one result, and in late mode all of them are acked after it.
         """
         if not task.duplicates:  # nearly always
-            sent = self._queue_result(
+            payload_json = self._queue_result(
                 result, task.delivery, task.envelope, self._late_acks(task.delivery)
             )
-            return Answered(sent.body, {task.envelope.message_id})
+            return Answered(payload_json, (task.envelope.message_id,))
         by_message: dict[uuid.UUID, tuple[Delivery, Envelope, list[DeliveryTag]]] = {}
         for delivery, envelope in [(task.delivery, task.envelope), *task.duplicates]:
             first = by_message.setdefault(envelope.message_id, (delivery, envelope, []))
             first[2].extend(self._late_acks(delivery))
-        bodies = [self._queue_result(result, *answer).body for answer in by_message.values()]
-        return Answered(bodies[0], set(by_message))
+        payloads = [self._queue_result(result, *answer) for answer in by_message.values()]
+        return Answered(payloads[0], tuple(by_message))
 
     def check_deadlines(self, now: float) -> None:
         """Fail tasks that outlived max_duration_seconds; their thread is replaced."""
@@ -367,6 +369,13 @@ class RequestConsumer:
         priority: int,
     ) -> Outgoing:
         """The answer to `delivery`: to its reply_to (else the reply queue), ids copied."""
+        body, _ = self._encode(payload, envelope_ids, priority)
+        return self._outgoing(delivery, body, priority)
+
+    def _encode(
+        self, payload: Payload, envelope_ids: Envelope | dict[str, str], priority: int
+    ) -> tuple[bytes, bytes]:
+        """The message's bytes and its payload's (see encode_message_parts)."""
         if isinstance(envelope_ids, Envelope):
             trace_id, request_id = envelope_ids.trace_id, envelope_ids.request_id
             to_agent: str = envelope_ids.from_agent
@@ -374,7 +383,7 @@ class RequestConsumer:
             trace_id = envelope_ids["trace_id"]  # type: ignore[assignment]
             request_id = envelope_ids["request_id"]  # type: ignore[assignment]
             to_agent = envelope_ids.get("from_agent", "orchestrator")
-        body = encode_message(
+        return encode_message_parts(
             payload,
             from_agent=self._settings.agent_type,
             to_agent=to_agent,
@@ -382,6 +391,8 @@ class RequestConsumer:
             request_id=request_id,
             priority=priority,
         )
+
+    def _outgoing(self, delivery: Delivery, body: bytes, priority: int) -> Outgoing:
         return Outgoing(
             routing_key=delivery.reply_to or self._settings.reply_queue,
             body=body,
@@ -396,16 +407,17 @@ class RequestConsumer:
         delivery: Delivery,
         envelope: Envelope,
         acks: list[DeliveryTag],
-    ) -> Outgoing:
+    ) -> bytes:
+        """Queue the answer to one request message; returns the payload's JSON."""
         # A duplicate's answer carries its own trace_id, not the first one's.
         if result.trace_id != envelope.trace_id:
             result = result.model_copy(update={"trace_id": envelope.trace_id})
-        message = self._message(result, delivery, envelope, envelope.priority)
+        body, payload_json = self._encode(result, envelope, envelope.priority)
         limit = self._settings.max_result_bytes
-        if len(message.body) > limit:
+        if len(body) > limit:
             # The broker would refuse it (message size) and close our channel:
             # say what happened instead of losing the answer.
-            size = len(message.body)
+            size = len(body)
             logger.error("result too large: sending a failure instead", extra={"bytes": size})
             too_big = result.model_copy(
                 update={
@@ -417,9 +429,9 @@ class RequestConsumer:
                     "limit (CHIFFON_MAX_RESULT_BYTES)",
                 }
             )
-            message = self._message(too_big, delivery, envelope, envelope.priority)
-        self._outbox.append(OutboxEntry(message, acks))
-        return message
+            body, payload_json = self._encode(too_big, envelope, envelope.priority)
+        self._outbox.append(OutboxEntry(self._outgoing(delivery, body, envelope.priority), acks))
+        return payload_json
 
     def _dead_letter(self, delivery: Delivery, problem: InvalidMessage) -> None:
         with message_context(**problem.ids):

@@ -20,8 +20,10 @@ from pydantic_core import to_json
 from pythonjsonlogger.json import JsonFormatter
 
 CONTEXT_FIELDS = ("trace_id", "request_id", "task_id")
-_EMPTY: dict[str, str | None] = dict.fromkeys(CONTEXT_FIELDS)
-_context: ContextVar[dict[str, str | None]] = ContextVar("chiffon_log_context", default=_EMPTY)
+# Values are strings or UUIDs (written as their text; a UUID is not turned
+# into a string for every message in case nothing is logged).
+_EMPTY: dict[str, object] = dict.fromkeys(CONTEXT_FIELDS)
+_context: ContextVar[dict[str, object]] = ContextVar("chiffon_log_context", default=_EMPTY)
 
 logger = logging.getLogger("chiffon_worker")
 
@@ -35,11 +37,11 @@ class LogContext:
 
     __slots__ = ("_ids", "_token")
 
-    def __init__(self, ids: dict[str, str | None]) -> None:
+    def __init__(self, ids: dict[str, object]) -> None:
         self._ids = ids
 
     def __enter__(self) -> None:
-        self._token: Token[dict[str, str | None]] = _context.set(self._ids)
+        self._token: Token[dict[str, object]] = _context.set(self._ids)
 
     def __exit__(
         self,

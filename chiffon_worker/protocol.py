@@ -234,10 +234,31 @@ def encode_message(
     """The bytes of `encode(make_envelope(...))`, for the worker's hot path.
 
     Our own payload models are valid by construction, so this skips building
-    and re-validating an Envelope; pydantic-core serialises in one pass, three
+    and re-validating an Envelope; pydantic-core serialises directly, three
     to four times faster. A unit test holds the two to the same output.
     """
-    return to_json(
+    return encode_message_parts(
+        payload,
+        from_agent=from_agent,
+        to_agent=to_agent,
+        trace_id=trace_id,
+        request_id=request_id,
+        priority=priority,
+    )[0]
+
+
+def encode_message_parts(
+    payload: Payload,
+    *,
+    from_agent: str,
+    to_agent: str,
+    trace_id: uuid.UUID | str,
+    request_id: uuid.UUID | str,
+    priority: int = 3,
+) -> tuple[bytes, bytes]:
+    """`encode_message`'s bytes, and the JSON of the payload inside them."""
+    payload_json = to_json(payload)
+    head = to_json(
         {
             "protocol_version": PROTOCOL_VERSION,
             "message_id": uuid.uuid4(),
@@ -248,10 +269,11 @@ def encode_message(
             "request_id": request_id,
             "type": _TYPE_OF_PAYLOAD[type(payload)],
             "priority": priority,
-            "payload": payload,
             "x_custom_fields": {},
         }
     )
+    # `head` is one JSON object: the payload goes in before its closing brace.
+    return b"".join((head[:-1], b',"payload":', payload_json, b"}")), payload_json
 
 
 def _readable_ids(document: object) -> dict[str, str]:

@@ -49,16 +49,16 @@ class Task:
     progress_step: int = 0
     abandoned: bool = False
     request_id: str = field(init=False)
-    log_ids: dict[str, str | None] = field(init=False)
+    log_ids: dict[str, object] = field(init=False)
     _handoff: _Handoff | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        # Strings made once: they key the cache and tag every log record.
+        # Made once: it keys the cache and the running tasks.
         self.request_id = str(self.envelope.request_id)
         self.log_ids = {
-            "trace_id": str(self.envelope.trace_id),
+            "trace_id": self.envelope.trace_id,
             "request_id": self.request_id,
-            "task_id": str(self.request.task_id),
+            "task_id": self.request.task_id,
         }
 
     def expect_handoff(self) -> None:
@@ -115,8 +115,9 @@ class WorkThreads:
         self._after = after
         self._queue: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
-        for _ in range(count):
-            self.add_thread()
+        # Started with the first task: a worker whose work all runs inline
+        # never needs them.
+        self._count = count
 
     def add_thread(self) -> None:
         """Start one more thread (to replace one stuck in a task that timed out)."""
@@ -126,6 +127,8 @@ class WorkThreads:
         thread.start()
 
     def submit(self, task: Task) -> None:
+        while len(self._threads) < self._count:
+            self.add_thread()
         task.expect_handoff()
         self._queue.put(task)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -173,3 +175,32 @@ def test_a_result_too_large_for_the_broker_becomes_a_failure(
         assert orchestrator.wait_for_result(after)["payload"]["output"] == "small"
     assert (result["status"], result["exit_code"], result["output"]) == ("failed", 1, "")
     assert "CHIFFON_MAX_RESULT_BYTES" in result["error_message"]
+
+
+@pytest.mark.parametrize("ack_mode", ["early", "late"])
+def test_an_answer_no_queue_can_take_is_retried_then_dropped_and_the_worker_serves_on(
+    vhost: Vhost, orchestrator: Orchestrator, caplog: pytest.LogCaptureFixture, ack_mode: str
+) -> None:
+    """A reply_to naming no queue: the broker returns the result; it is not lost silently."""
+    caplog.set_level(logging.INFO, logger="chiffon_worker")
+    worker = CountingWorker(Settings(amqp_url=vhost.url(), ack_mode=ack_mode, shutdown_timeout=10))
+    with InProcessWorker(worker):
+        lost = work_request("echo", {"message": "nowhere"})
+        orchestrator.publish(lost, reply_to=f"no-such-queue-{uuid.uuid4()}")
+        after = work_request("echo", {"message": "next"})
+        orchestrator.publish(after)
+        assert orchestrator.wait_for_result(after)["payload"]["output"] == "next"
+        orchestrator.wait_until(
+            lambda: "publish failed for good: message dropped" in caplog.messages,
+            15,
+            "the dropped result's log line",
+        )
+        # Nothing waits unacked behind the dropped answer, in either mode.
+        orchestrator.wait_until(lambda: not worker._consumer.pending(), 15, "an empty outbox")
+    retries = [r for r in caplog.records if r.getMessage().startswith("publish refused")]
+    dropped = [r for r in caplog.records if r.getMessage().startswith("publish failed for good")]
+    assert len(retries) == 2
+    assert len(dropped) == 1
+    assert "NO_ROUTE" in dropped[0].reason  # type: ignore[attr-defined]
+    assert orchestrator.queue_depth("work_queue") == 0
+    assert worker.runs["nowhere"] == 1

@@ -382,14 +382,8 @@ class BrokerLink:
     def _deliver(
         self, generation: int, method: Basic.Deliver, props: BasicProperties, body: bytes
     ) -> None:
-        self._on_delivery(
-            Delivery(
-                tag=DeliveryTag(generation, method.delivery_tag),
-                body=body,
-                reply_to=props.reply_to,
-                correlation_id=props.correlation_id,
-            )
-        )
+        tag = DeliveryTag(generation, method.delivery_tag)
+        self._on_delivery(Delivery(tag, body, props.reply_to, props.correlation_id))
 
     def _broker_cancelled(self, _frame: Any) -> None:
         self._consumer_tag = None

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from cachetools import TTLCache
 
@@ -32,6 +32,11 @@ class Claim(Generic[ResultT]):
     result: ResultT | None = None
 
 
+# Made once: a claim is taken for every message.
+_NEW: Claim[Any] = Claim(ClaimState.NEW)
+_IN_FLIGHT: Claim[Any] = Claim(ClaimState.IN_FLIGHT)
+
+
 class IdempotencyCache(Generic[ResultT]):
     def __init__(
         self,
@@ -47,12 +52,12 @@ class IdempotencyCache(Generic[ResultT]):
         """Atomically look up request_id and, if unseen, mark it in flight."""
         with self._lock:
             if request_id in self._in_flight:
-                return Claim(ClaimState.IN_FLIGHT)
+                return _IN_FLIGHT
             cached = self._done.get(request_id)
             if cached is not None:
                 return Claim(ClaimState.DONE, cached)
             self._in_flight.add(request_id)
-            return Claim(ClaimState.NEW)
+            return _NEW
 
     def complete(self, request_id: str, result: ResultT) -> None:
         """Record the finished result; later duplicates get it back."""

@@ -61,10 +61,11 @@ def message_context(**ids: object) -> LogContext:
 
 class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
+        fields = record.__dict__
         for key, value in _context.get().items():
             # An explicit extra={"trace_id": ...} wins over the ambient one.
-            if getattr(record, key, None) is None:
-                setattr(record, key, value)
+            if fields.get(key) is None:
+                fields[key] = value
         return True
 
 

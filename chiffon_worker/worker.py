@@ -11,6 +11,7 @@ running work before it says goodbye.
 from __future__ import annotations
 
 import abc
+import gc
 import logging
 import os
 import random
@@ -355,6 +356,10 @@ class WorkerBase(abc.ABC):
                 "work_types": sorted(self._work_types),
             },
         )
+        # Everything made so far (modules, classes, pydantic's schemas) lives
+        # as long as the process: out of the collector's sight, a full
+        # collection takes microseconds instead of ~20 ms (a latency spike).
+        gc.freeze()
         try:
             return self._connect_and_serve()
         finally:

@@ -30,7 +30,7 @@ from chiffon_worker.protocol import (
     ErrorMessage,
     Payload,
     WorkResult,
-    encode_message_parts,
+    encode_message,
     parse_work_request,
 )
 from chiffon_worker.stats import Stats
@@ -375,7 +375,7 @@ class RequestConsumer:
     def _encode(
         self, payload: Payload, envelope_ids: Envelope | dict[str, str], priority: int
     ) -> tuple[bytes, bytes]:
-        """The message's bytes and its payload's (see encode_message_parts)."""
+        """The message's bytes and its payload's."""
         if isinstance(envelope_ids, Envelope):
             trace_id, request_id = envelope_ids.trace_id, envelope_ids.request_id
             to_agent: str = envelope_ids.from_agent
@@ -383,7 +383,7 @@ class RequestConsumer:
             trace_id = envelope_ids["trace_id"]  # type: ignore[assignment]
             request_id = envelope_ids["request_id"]  # type: ignore[assignment]
             to_agent = envelope_ids.get("from_agent", "orchestrator")
-        return encode_message_parts(
+        return encode_message(
             payload,
             from_agent=self._settings.agent_type,
             to_agent=to_agent,

@@ -272,7 +272,7 @@ class WorkerBase(abc.ABC):
             trace_id=beat_id,
             request_id=beat_id,
             priority=HEARTBEAT_PRIORITY,
-        )
+        ).body
         return Outgoing(
             routing_key=self.settings.reply_queue,
             body=body,

@@ -112,6 +112,12 @@ class _translated:  # noqa: N801 - reads as the context manager it is
             raise ConnectionLost(f"{what}: {exc!r}") from None
 
 
+# Stateless, so shared: these wrap a call or two for every message.
+_PUBLISHING = _translated("basic.publish")
+_ACKING = _translated("basic.ack")
+_SERVICING = _translated("connection")
+
+
 def connection_parameters(
     url: str, heartbeat: int, blocked_timeout: float, tls: TlsFiles | None = None
 ) -> pika.URLParameters:
@@ -232,7 +238,7 @@ def _publish(channel: BlockingChannel, message: Outgoing, reply_to: str | None =
     On a channel in BlockingChannel's confirm mode (RequestClient) this waits
     for the confirm; on BrokerLink's it returns once the message is written.
     """
-    with _translated("basic.publish"):
+    with _PUBLISHING:
         channel.basic_publish(
             exchange="",
             routing_key=message.routing_key,
@@ -407,7 +413,7 @@ class BrokerLink:
         """Ack on the channel that delivered it; False (and nothing sent) if that is gone."""
         if not self.is_current(tag):
             return False
-        with _translated("basic.ack"):
+        with _ACKING:
             self._require_channel().basic_ack(delivery_tag=tag.value)
         return True
 
@@ -488,7 +494,7 @@ class BrokerLink:
         if connection is None or not connection.is_open:
             # Also when another thread (the rescue thread) saw it die.
             raise ConnectionLost("not connected")
-        with _translated("connection"):
+        with _SERVICING:
             connection.process_data_events(time_limit=time_limit)
 
     def call_threadsafe(self, callback: Callable[[], None]) -> bool:

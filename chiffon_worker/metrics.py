@@ -11,6 +11,7 @@ import importlib
 import logging
 import resource
 import threading
+import time
 from types import ModuleType
 from typing import Any
 
@@ -121,6 +122,19 @@ class HostMetrics:
         self._gpu.close()
 
 
+# (monotonic time of the reading, MiB): every result carries the peak, and a
+# system call per task for a figure that only ever creeps up is waste.
+_peak: tuple[float, float] = (-1.0, 0.0)
+PEAK_REFRESH_SECONDS = 1.0
+
+
 def peak_memory_mb() -> float:
-    """This process's peak resident memory so far (Linux reports KiB)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    """This process's peak resident memory so far, at most a second old."""
+    global _peak
+    now = time.monotonic()
+    read_at, peak = _peak
+    if now - read_at >= PEAK_REFRESH_SECONDS or read_at < 0:
+        # Linux reports KiB.
+        peak = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        _peak = (now, peak)
+    return peak

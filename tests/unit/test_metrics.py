@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any, cast
 
 import pytest
 
+from chiffon_worker import metrics
 from chiffon_worker.metrics import GpuProbe, HostMetrics
 
 GIB = 1024**3
@@ -182,3 +183,19 @@ def test_without_the_nvml_library_pynvml_is_not_even_imported(
     assert "pynvml" not in sys.modules
     [record] = caplog.records
     assert "libnvidia-ml.so.1" in record.reason  # type: ignore[attr-defined]
+
+
+def test_peak_memory_is_the_process_peak_read_again_once_it_is_a_second_old(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    readings = iter([100 * 1024, 150 * 1024])  # ru_maxrss in KiB
+    monkeypatch.setattr(
+        metrics.resource, "getrusage", lambda _who: SimpleNamespace(ru_maxrss=next(readings))
+    )
+    clock = iter([1000.0, 1000.5, 1001.2])
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(metrics, "_peak", (-1.0, 0.0))
+
+    assert metrics.peak_memory_mb() == 100.0
+    assert metrics.peak_memory_mb() == 100.0  # half a second later: the same reading
+    assert metrics.peak_memory_mb() == 150.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -143,6 +144,20 @@ def test_result_is_stamped_with_agent_ids_duration_and_resources(
     assert result.duration_ms >= 0
     assert result.resources_used["cpu_time_ms"] >= 0
     assert result.resources_used["memory_peak_mb"] > 0
+
+
+def test_cpu_time_counts_the_work_that_ran() -> None:
+    class Busy(EchoWorker):
+        def execute_work(self, request: WorkRequest) -> WorkResult:
+            deadline = time.thread_time() + 0.03  # 30 ms of this thread's CPU
+            while time.thread_time() < deadline:
+                pass
+            return WorkResult.completed(request, output="done")
+
+    result = Busy(Settings())._run_task(task_for(request("echo", message="spin")))
+
+    assert result.resources_used["cpu_time_ms"] >= 30
+    assert result.duration_ms >= result.resources_used["cpu_time_ms"]
 
 
 def test_exception_in_work_becomes_a_failed_result(echo_worker: EchoWorker) -> None:

@@ -313,8 +313,6 @@ class BrokerLink:
             self._connection = connection
             self._channel = channel
             self._generation = generation
-        self._published = 0
-        self._settle_scheduled = False
         _watch_for_silence(connection, 2.0 * float(connection._impl.params.heartbeat or 0))
         self._consumer_tag = None
         self.current_url = redact_url(url)
@@ -335,10 +333,14 @@ class BrokerLink:
             # A confirm from a channel we left behind must not touch what we publish next.
             self._generation += 1
         self._consumer_tag = None
-        # Never confirmed, so to be published again on the next channel.
+        # Never confirmed, so to be published again on the next channel, which
+        # numbers its publishes from 1 again (a settle the old one had
+        # scheduled never runs).
         for message in self._unconfirmed.values():
             message.state = PublishState.UNSENT
         self._unconfirmed.clear()
+        self._published = 0
+        self._settle_scheduled = False
         return connection
 
     def close(self) -> None:

@@ -124,7 +124,7 @@ class HostMetrics:
 
 # (monotonic time of the reading, MiB): every result carries the peak, and a
 # system call per task for a figure that only ever creeps up is waste.
-_peak: tuple[float, float] = (-1.0, 0.0)
+_peak: tuple[float, float] = (float("-inf"), 0.0)
 PEAK_REFRESH_SECONDS = 1.0
 
 
@@ -133,7 +133,7 @@ def peak_memory_mb() -> float:
     global _peak
     now = time.monotonic()
     read_at, peak = _peak
-    if now - read_at >= PEAK_REFRESH_SECONDS or read_at < 0:
+    if now - read_at >= PEAK_REFRESH_SECONDS:
         # Linux reports KiB.
         peak = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         _peak = (now, peak)

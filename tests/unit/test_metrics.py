@@ -194,7 +194,7 @@ def test_peak_memory_is_the_process_peak_read_again_once_it_is_a_second_old(
     )
     clock = iter([1000.0, 1000.5, 1001.2])
     monkeypatch.setattr(metrics.time, "monotonic", lambda: next(clock))
-    monkeypatch.setattr(metrics, "_peak", (-1.0, 0.0))
+    monkeypatch.setattr(metrics, "_peak", (float("-inf"), 0.0))
 
     assert metrics.peak_memory_mb() == 100.0
     assert metrics.peak_memory_mb() == 100.0  # half a second later: the same reading

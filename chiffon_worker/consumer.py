@@ -1,27 +1,28 @@
 """Deliveries in, results out: validate, ack or reject, dispatch, answer.
 
-Runs on the thread that holds the connection's baton (the connection thread,
-or the rescue thread while long work runs inline), except the few methods
-marked thread-safe. Knows the broker through BrokerLink's methods, never
-through pika.
+Every method runs on the thread that holds the connection's baton (the
+connection thread, or the rescue thread while long work runs inline; see
+service.py), except `current_task_ids` and `busy`, which any thread may read.
+Other threads reach the consumer only through the service's mailbox. Knows
+the broker through BrokerLink's methods, never through pika.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
-from chiffon_worker.amqp import Delivery, DeliveryTag, Outgoing, PublishState
+from chiffon_worker.amqp import Delivery, DeliveryTag, Outgoing
 from chiffon_worker.config import Settings
 from chiffon_worker.errors import InvalidMessage
 from chiffon_worker.idempotency import ClaimState, IdempotencyCache
 from chiffon_worker.log import message_context
+from chiffon_worker.outbox import Outbox
 from chiffon_worker.protocol import (
     ERROR_INVALID_MESSAGE,
     ERROR_TIMEOUT,
@@ -46,7 +47,6 @@ FAST_PATH_SECONDS = 0.05
 # the running task is about to finish; after that it goes back to the queue
 # for an idle worker.
 HOLD_GRACE_SECONDS = 1.0
-MAX_PUBLISH_ATTEMPTS = 3
 
 
 class Link(Protocol):
@@ -61,16 +61,8 @@ class Link(Protocol):
     def ack(self, tag: DeliveryTag) -> bool: ...
     def reject(self, tag: DeliveryTag, *, requeue: bool) -> bool: ...
     def publish(self, message: Outgoing) -> None: ...  # the broker answers in message.state
-    def call_threadsafe(self, callback: Callable[[], None]) -> bool: ...
     def call_later(self, delay: float, callback: Callable[[], None]) -> object | None: ...
     def cancel_timer(self, timer: object | None) -> None: ...
-
-
-@dataclass
-class OutboxEntry:
-    message: Outgoing | None  # None: only acks, kept in order behind earlier results
-    # Late-ack deliveries to ack once the broker has confirmed this message.
-    acks: list[DeliveryTag] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -99,9 +91,10 @@ class RequestConsumer:
         settings: Settings,
         agent_id: str,
         run_task: Callable[[Task], WorkResult],
+        post: Callable[[Callable[[], None]], None],
         stats: Stats | None = None,
         after_task: Callable[[Task], None] | None = None,
-        run_inline: Callable[[Callable[[], None]], None] | None = None,
+        inline: bool = True,
     ) -> None:
         self._stats = stats or Stats()
         self._link = link
@@ -115,16 +108,15 @@ class RequestConsumer:
         self._running: dict[str, Task] = {}
         self._held: deque[Delivery] = deque()
         self._hold_timer: object | None = None
-        self._outbox: deque[OutboxEntry] = deque()
-        self._handed_over: queue.SimpleQueue[Task] = queue.SimpleQueue()
+        self._outbox = Outbox(link)
+        self._post = post
         self._taking = True
         self._threads = WorkThreads(self._slots, run_task, self._hand_over, after_task)
-        self._run_task = run_task
-        self._after_task = after_task
         # Inline work needs the one slot and an early ack (a late ack must wait
         # for the result anyway), and no time limit: only a work thread can be
         # abandoned when work overruns.
-        self._run_inline = run_inline if self._slots == 1 and not self._late_ack else None
+        self._inline = inline and self._slots == 1 and not self._late_ack
+        self._inline_waiting: Task | None = None
 
     # -- state other threads may read ----------------------------------------
 
@@ -138,8 +130,8 @@ class RequestConsumer:
     # -- link events (connection thread) -------------------------------------
 
     def on_connected(self) -> None:
-        """Fresh channel: flush what waited, then consume if we have room."""
-        self._drain_handed_over()
+        """Fresh channel: send what waited, then consume if we have room."""
+        self._outbox.reconnected()
         self.flush_outbox()
         if self._taking and len(self._running) < self._slots:
             self._link.start_consuming()
@@ -239,7 +231,7 @@ class RequestConsumer:
             if envelope.message_id in claim.result.message_ids:
                 logger.info("redelivery of an answered request: acked, not answered again")
                 # Behind the answer in the outbox, so a late ack never precedes it.
-                self._outbox.append(OutboxEntry(None, self._late_acks(delivery)))
+                self._outbox.add(None, self._late_acks(delivery))
             else:
                 logger.info("duplicate request: sending the cached result")
                 claim.result.message_ids += (envelope.message_id,)
@@ -261,39 +253,52 @@ class RequestConsumer:
             task.deadline = task.started + float(limit)
         self._running[task.request_id] = task
         self._stats.in_flight(len(self._running))
-        if self._run_inline is not None and task.deadline is None:
-
-            def work() -> None:
-                task.finish(self._run_task(task))
-
-            self._run_inline(work)
-            self._complete(task)
-            if self._after_task is not None:
-                self._after_task(task)
+        if self._inline and task.deadline is None:
+            # Run by the service once pika has returned (take_inline): work
+            # never runs inside a pika callback, so whoever services the
+            # connection meanwhile may use all of pika, reconnects included.
+            self._inline_waiting = task
             return
         self._threads.submit(task)
         if task.wait_briefly(FAST_PATH_SECONDS):
             self._complete(task)
 
+    def take_inline(self) -> Task | None:
+        """The task to run on the connection thread now, if one was accepted."""
+        task, self._inline_waiting = self._inline_waiting, None
+        return task
+
+    def finish_inline(self, task: Task) -> None:
+        """After the service ran an inline task (its result is set)."""
+        if task.abandoned:
+            self._drop_late_result(task)
+            return
+        self._complete(task)
+
     # -- finished work --------------------------------------------------------
 
     def _hand_over(self, task: Task) -> None:
-        """Work thread: the connection thread stopped waiting; wake it up."""
-        self._handed_over.put(task)
-        # If we are disconnected the task waits in the queue; on_connected drains it.
-        self._link.call_threadsafe(self._drain_handed_over)
+        """Work thread: the connection thread stopped waiting; post the result to it."""
+        self._post(lambda: self._handed_over(task))
 
-    def _drain_handed_over(self) -> None:
-        while True:
-            try:
-                task = self._handed_over.get_nowait()
-            except queue.Empty:
-                return
-            if not task.abandoned:
-                self._complete(task)
+    def _handed_over(self, task: Task) -> None:
+        if task.abandoned:
+            self._drop_late_result(task)
+        else:
+            self._complete(task)
+
+    @staticmethod
+    def _drop_late_result(task: Task) -> None:
+        with task.log_context():
+            logger.warning(
+                "work returned after it was answered: its result is dropped",
+                extra={"reason": task.cancel_reason},
+            )
 
     def _complete(self, task: Task) -> None:
         assert task.result is not None
+        if task.progress:
+            self.send_progress(task)  # reports made before the result go out before it
         self._running.pop(task.request_id, None)
         self._stats.in_flight(len(self._running))
         self._stats.finished(task.result.status, task.result.duration_ms / 1000)
@@ -321,6 +326,12 @@ class RequestConsumer:
         payloads = [self._queue_result(result, *answer) for answer in by_message.values()]
         return Answered(payloads[0], tuple(by_message))
 
+    def cancel_running(self, reason: str) -> None:
+        """Tell every running task it must end early (work sees it as `cancelled`)."""
+        for task in list(self._running.values()):
+            if task.cancel_reason is None:
+                task.cancel_reason = reason
+
     def check_deadlines(self, now: float) -> None:
         """Fail tasks that outlived max_duration_seconds; their thread is replaced."""
         for task in list(self._running.values()):
@@ -328,6 +339,7 @@ class RequestConsumer:
                 continue
             task.abandoned = True
             limit = task.deadline - task.started
+            task.cancel_reason = f"time limit of {limit:g} s exceeded"
             with task.log_context():
                 logger.error(
                     "work exceeded its time limit: failing it, its thread is left behind",
@@ -357,9 +369,7 @@ class RequestConsumer:
         acks: list[DeliveryTag],
         priority: int = 3,
     ) -> None:
-        self._outbox.append(
-            OutboxEntry(self._message(payload, delivery, envelope_ids, priority), acks)
-        )
+        self._outbox.add(self._message(payload, delivery, envelope_ids, priority), acks)
 
     def _message(
         self,
@@ -430,7 +440,7 @@ class RequestConsumer:
                 }
             )
             body, payload_json = self._encode(too_big, envelope, envelope.priority)
-        self._outbox.append(OutboxEntry(self._outgoing(delivery, body, envelope.priority), acks))
+        self._outbox.add(self._outgoing(delivery, body, envelope.priority), acks)
         return payload_json
 
     def _dead_letter(self, delivery: Delivery, problem: InvalidMessage) -> None:
@@ -472,52 +482,27 @@ class RequestConsumer:
 
     # -- outbox ---------------------------------------------------------------
 
-    def send_threadsafe(self, payload: Payload, task: Task) -> None:
-        """Work thread: queue a progress message for this task and wake the link."""
-        self._reply(payload, task.delivery, task.envelope, [], priority=task.envelope.priority)
-        self._link.call_threadsafe(self.flush_outbox)
+    def send_progress(self, task: Task) -> None:
+        """Move a task's progress reports into the outbox; they go out with the next flush."""
+        waiting = task.progress
+        if not waiting:
+            return
+        if task.request_id not in self._running or task.abandoned:
+            waiting.clear()  # answered already: a report now would follow its result
+            return
+        envelope = task.envelope
+        while waiting:
+            status = waiting.popleft()
+            self._outbox.add_progress(
+                self._message(status, task.delivery, envelope, envelope.priority)
+            )
 
     def flush_outbox(self) -> None:
-        """Publish what has not gone out on this channel, then settle what is answered.
-
-        Publishes do not wait for their confirms (see amqp.py); an entry
-        leaves the outbox only once its message is confirmed, in order, and
-        its late acks go out then.
-        """
-        if not self._link.is_open:
-            return
-        for entry in self._outbox:
-            if entry.message is not None and entry.message.state is PublishState.UNSENT:
-                self._link.publish(entry.message)
-        self.settle()
+        self._outbox.flush()
 
     def settle(self) -> None:
-        """Retire answered entries from the head of the outbox (the link calls this)."""
-        # Later entries wait behind one the broker has not answered yet.
-        while self._outbox and self._may_leave(self._outbox[0].message):
-            for tag in self._outbox.popleft().acks:
-                self._link.ack(tag)
-
-    def _may_leave(self, message: Outgoing | None) -> bool:
-        """Confirmed, or refused for the last time (a refusal before that sends it again)."""
-        if message is None or message.state is PublishState.CONFIRMED:
-            return True
-        return message.state is PublishState.REFUSED and not self._retried(message)
-
-    def _retried(self, message: Outgoing) -> bool:
-        """Send a refused message again; False (dropped) once it has had its attempts."""
-        message.attempts += 1
-        if message.attempts >= MAX_PUBLISH_ATTEMPTS:
-            logger.error(
-                "publish failed for good: message dropped",
-                extra={"reason": message.refusal, "routing_key": message.routing_key},
-            )
-            return False
-        logger.warning("publish refused by the broker, retrying", extra={"reason": message.refusal})
-        message.state = PublishState.UNSENT
-        if self._link.is_open:
-            self._link.publish(message)
-        return True
+        """The link calls this when confirms came in that someone waits for."""
+        self._outbox.settle()
 
     def publish_now(self, message: Outgoing) -> None:
         """Heartbeats: best effort, never queued (the next one supersedes it)."""
@@ -525,4 +510,4 @@ class RequestConsumer:
         self._stats.heartbeat_sent(time.time())
 
     def pending(self) -> int:
-        return len(self._outbox)
+        return self._outbox.pending()

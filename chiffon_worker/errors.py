@@ -8,6 +8,9 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_TIMEOUT = 3
 EXIT_UNAVAILABLE = 69
+# The worker class's own code failed at start (its __init__ raised): a bug, shown
+# with its traceback; unlike 77 and 78 the units restart it.
+EXIT_SOFTWARE = 70
 EXIT_NOPERM = 77
 EXIT_CONFIG = 78
 

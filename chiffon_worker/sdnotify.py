@@ -152,3 +152,21 @@ def _clean_status(text: str) -> str:
     if len(encoded) <= STATUS_MAX_BYTES:
         return flat
     return encoded[:STATUS_MAX_BYTES].decode("utf-8", errors="ignore")
+
+
+class Watchdog:
+    """The one feeder of systemd's watchdog: fed on every turn, pings at systemd's pace.
+
+    Only the holder of the connection's baton feeds it (service.py), so a
+    ping means the thread that serves the broker is turning, whoever it is.
+    """
+
+    def __init__(self, notifier: SystemdNotifier) -> None:
+        self._notifier = notifier
+        self._interval = notifier.watchdog_interval()
+        self._last = float("-inf")
+
+    def feed(self, now: float) -> None:
+        if self._interval is not None and now - self._last >= self._interval:
+            self._last = now
+            self._notifier.watchdog()

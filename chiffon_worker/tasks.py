@@ -12,12 +12,13 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from chiffon_worker.amqp import Delivery
 from chiffon_worker.log import LogContext
-from chiffon_worker.protocol import Envelope, WorkRequest, WorkResult
+from chiffon_worker.protocol import Envelope, WorkRequest, WorkResult, WorkStatus
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,13 @@ class Task:
     result: WorkResult | None = None
     # Duplicates (same request_id) that arrived while this task ran.
     duplicates: list[tuple[Delivery, Envelope]] = field(default_factory=list)
-    progress_step: int = 0
     abandoned: bool = False
+    # Set when the task must end early (time limit, shutdown timeout, cancel):
+    # the work sees it through its TaskContext.
+    cancel_reason: str | None = None
+    # Progress reports the work made, waiting for the connection's holder:
+    # appended by the thread running the work, drained only by the holder.
+    progress: deque[WorkStatus] | None = None
     request_id: str = field(init=False)
     log_ids: dict[str, object] = field(init=False)
     _handoff: _Handoff | None = field(default=None, init=False)

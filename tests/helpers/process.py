@@ -11,6 +11,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from chiffon_worker import WorkerBase
+from chiffon_worker.service import WorkerService
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -83,15 +86,16 @@ class WorkerProcess:
 
 
 class InProcessWorker:
-    """Run a worker's loop on a thread of the test process (no signals there)."""
+    """Serve a worker object on a thread of the test process (no signals there)."""
 
-    def __init__(self, worker: Any) -> None:
+    def __init__(self, worker: WorkerBase) -> None:
         self.worker = worker
+        self.service = WorkerService(worker)
         self.exit_code: int | None = None
         self._thread = threading.Thread(target=self._run, name="test-worker-loop", daemon=True)
 
     def _run(self) -> None:
-        self.exit_code = self.worker.run()
+        self.exit_code = self.service.run()
 
     def __enter__(self) -> InProcessWorker:
         self._thread.start()
@@ -101,7 +105,7 @@ class InProcessWorker:
         self.stop()
 
     def stop(self, timeout: float = 30) -> int | None:
-        self.worker.request_stop()
+        self.service.request_stop()
         self._thread.join(timeout)
         assert not self._thread.is_alive(), "worker loop did not stop"
         return self.exit_code

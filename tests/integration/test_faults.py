@@ -83,6 +83,8 @@ def test_result_of_work_running_through_a_cut_is_published_after_the_reconnect(
     assert (result["status"], result["output"]) == ("completed", "survived")
     assert _count(worker, "connection lost") >= 1
     assert len(orchestrator.distinct_results()) == 1
+    # The log line follows the publish: wait for it, then count.
+    orchestrator.wait_until(lambda: "work finished" in worker.messages(), 10, "its log line")
     assert worker.messages().count("work finished") == 1
 
 
@@ -93,7 +95,7 @@ def test_late_ack_redelivery_after_a_cut_does_not_run_the_work_again(
         Settings(amqp_url=_via(proxy, vhost), ack_mode="late", shutdown_timeout=10)
     )
     worker.release.clear()
-    with InProcessWorker(worker):
+    with InProcessWorker(worker) as running:
         request = work_request("gated", {"message": "once"})
         orchestrator.publish(request)
         assert worker.started.wait(15)
@@ -117,7 +119,7 @@ def test_late_ack_redelivery_after_a_cut_does_not_run_the_work_again(
     assert orchestrator.queue_depth("work_queue") == 0
     # An ack of the old channel's delivery tag on the new channel would have made
     # the broker close it (unknown delivery tag): a third connection.
-    assert worker._connections == 2
+    assert running.service.connections == 2
 
 
 def test_worker_moves_to_the_next_cluster_node_when_one_goes_away(
@@ -216,14 +218,14 @@ def test_memory_alarm_blocks_publishing_then_the_result_arrives(
         Settings(amqp_url=vhost.url(), blocked_connection_timeout=2, shutdown_timeout=10)
     )
     worker.release.clear()
-    with InProcessWorker(worker):
+    with InProcessWorker(worker) as running:
         request = work_request("gated", {"message": "alarm"})
         orchestrator.publish(request)
         assert worker.started.wait(15)
         rabbitmqctl("set_vm_memory_high_watermark", "absolute", "1")
         try:
             worker.release.set()  # the result is ready while publishing is blocked
-            orchestrator.wait_until(lambda: worker._connections >= 2, 30, "blocked timeout")
+            orchestrator.wait_until(lambda: running.service.connections >= 2, 30, "blocked timeout")
         finally:
             rabbitmqctl("set_vm_memory_high_watermark", "0.4")
         result = orchestrator.wait_for_result(request, timeout=30)["payload"]

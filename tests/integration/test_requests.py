@@ -184,7 +184,7 @@ def test_an_answer_no_queue_can_take_is_retried_then_dropped_and_the_worker_serv
     """A reply_to naming no queue: the broker returns the result; it is not lost silently."""
     caplog.set_level(logging.INFO, logger="chiffon_worker")
     worker = CountingWorker(Settings(amqp_url=vhost.url(), ack_mode=ack_mode, shutdown_timeout=10))
-    with InProcessWorker(worker):
+    with InProcessWorker(worker) as running:
         lost = work_request("echo", {"message": "nowhere"})
         orchestrator.publish(lost, reply_to=f"no-such-queue-{uuid.uuid4()}")
         after = work_request("echo", {"message": "next"})
@@ -196,7 +196,7 @@ def test_an_answer_no_queue_can_take_is_retried_then_dropped_and_the_worker_serv
             "the dropped result's log line",
         )
         # Nothing waits unacked behind the dropped answer, in either mode.
-        orchestrator.wait_until(lambda: not worker._consumer.pending(), 15, "an empty outbox")
+        orchestrator.wait_until(lambda: not running.service.pending(), 15, "an empty outbox")
     retries = [r for r in caplog.records if r.getMessage().startswith("publish refused")]
     dropped = [r for r in caplog.records if r.getMessage().startswith("publish failed for good")]
     assert len(retries) == 2

@@ -1,0 +1,117 @@
+"""The running task, as user code sees it: progress, cancellation, stop.
+
+The runtime sets a TaskContext around each call of `execute_work`, in a
+contextvar, so code anywhere below it reaches its task through
+`current_task()` without anything stored on the user's worker object. A
+TaskContext may be passed to other threads the work starts: its methods are
+thread-safe.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Protocol
+
+from chiffon_worker.protocol import WorkRequest, WorkStatus
+
+
+class Cancellable(Protocol):
+    """The runtime's record of a task (tasks.Task), as far as the context reads it."""
+
+    @property
+    def cancel_reason(self) -> str | None: ...
+
+
+class TaskContext:
+    """What `execute_work` may ask of the runtime about the task it runs."""
+
+    __slots__ = ("_post_progress", "_record", "_steps", "_stop", "request")
+
+    def __init__(
+        self,
+        request: WorkRequest,
+        record: Cancellable,
+        stop: threading.Event,
+        post_progress: Callable[[WorkStatus], None],
+    ) -> None:
+        self.request = request
+        self._record = record
+        self._stop = stop
+        self._post_progress = post_progress
+        self._steps = itertools.count(1)  # next() is atomic: safe from several threads
+
+    def report_progress(self, percent: float, step_name: str, output: str = "") -> None:
+        """Send a WorkStatus for this task (queued; never blocks on the broker)."""
+        status = WorkStatus.model_validate(
+            {
+                "task_id": self.request.task_id,
+                "status": "step_completed" if _clamped(percent) >= 100 else "running",
+                "progress_percent": _clamped(percent),
+                "step": {"number": next(self._steps), "name": str(step_name), "output": output},
+            }
+        )
+        self._post_progress(status)
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the task must end early (its time limit passed, or shutdown gave up)."""
+        return self._record.cancel_reason is not None
+
+    @property
+    def cancel_reason(self) -> str | None:
+        return self._record.cancel_reason
+
+    @property
+    def stopping(self) -> bool:
+        """True once the worker was asked to stop: long work may wrap up."""
+        return self._stop.is_set()
+
+
+def _clamped(percent: float) -> float:
+    value = float(percent)
+    if math.isnan(value):
+        return 0.0
+    return max(0.0, min(100.0, value))
+
+
+_current: ContextVar[TaskContext | None] = ContextVar("chiffon_task", default=None)
+
+
+def current_task() -> TaskContext | None:
+    """The task the calling code runs inside, or None outside `execute_work`."""
+    return _current.get()
+
+
+def enter_task(context: TaskContext) -> object:
+    """Runtime only: make `context` current; returns the token for `leave_task`."""
+    return _current.set(context)
+
+
+def leave_task(token: object) -> None:
+    _current.reset(token)  # type: ignore[arg-type]
+
+
+# The stop flag of the service serving each worker object, by id(): read by
+# WorkerBase.stopping outside a task (a thread of the user's own, say)
+# without the runtime keeping anything on the user's object.
+_stop_flags: dict[int, threading.Event] = {}
+
+
+def register_stop_flag(worker: object, stop: threading.Event) -> None:
+    _stop_flags[id(worker)] = stop
+
+
+def forget_stop_flag(worker: object) -> None:
+    _stop_flags.pop(id(worker), None)
+
+
+def stop_requested(worker: object) -> bool:
+    context = _current.get()
+    if context is not None:
+        return context.stopping
+    stop = _stop_flags.get(id(worker))
+    return stop is not None and stop.is_set()

@@ -14,7 +14,7 @@ import math
 import threading
 from collections.abc import Callable
 from contextvars import ContextVar
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from chiffon_worker.protocol import WorkRequest, WorkStatus
 
@@ -26,6 +26,9 @@ class Cancellable(Protocol):
     def cancel_reason(self) -> str | None: ...
 
 
+RecordT = TypeVar("RecordT", bound=Cancellable)
+
+
 class TaskContext:
     """What `execute_work` may ask of the runtime about the task it runs."""
 
@@ -34,14 +37,14 @@ class TaskContext:
     def __init__(
         self,
         request: WorkRequest,
-        record: Cancellable,
+        record: RecordT,
         stop: threading.Event,
-        post_progress: Callable[[WorkStatus], None],
+        post_progress: Callable[[RecordT, WorkStatus], None],
     ) -> None:
         self.request = request
         self._record = record
         self._stop = stop
-        self._post_progress = post_progress
+        self._post_progress: Callable[[Any, WorkStatus], None] = post_progress
         self._steps = itertools.count(1)  # next() is atomic: safe from several threads
 
     def report_progress(self, percent: float, step_name: str, output: str = "") -> None:
@@ -54,7 +57,7 @@ class TaskContext:
                 "step": {"number": next(self._steps), "name": str(step_name), "output": output},
             }
         )
-        self._post_progress(status)
+        self._post_progress(self._record, status)
 
     @property
     def cancelled(self) -> bool:

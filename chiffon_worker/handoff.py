@@ -50,12 +50,12 @@ class Mailbox:
         """Run every job posted so far; returns how many ran."""
         # Cleared before draining: a post that lands after this wakes us again.
         self._wake_pending = False
+        jobs = self._jobs
         ran = 0
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                return ran
+        # Only this thread takes from the queue, so "not empty" stays true
+        # until it does; the check spares the idle turn an exception.
+        while not jobs.empty():
+            job = jobs.get_nowait()
             ran += 1
             try:
                 job()
@@ -63,6 +63,7 @@ class Mailbox:
                 raise  # the loop reconnects; the jobs still queued run after that
             except Exception:  # a bug in one job must not stop the connection's owner
                 logger.exception("a job handed to the connection thread failed")
+        return ran
 
     def wait(self, timeout: float) -> None:
         """While disconnected: sleep until something is posted, or `timeout`."""

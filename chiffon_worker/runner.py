@@ -72,9 +72,7 @@ class TaskRunner:
                 request,
                 f"unsupported work_type {request.work_type!r}; supported: {supported}",
             )
-        context = TaskContext(
-            request, task, self._stop, lambda status: self._progress(task, status)
-        )
+        context = TaskContext(request, task, self._stop, self._progress)
         token = enter_task(context)
         try:
             result = self._worker.execute_work(request)

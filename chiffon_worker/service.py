@@ -84,6 +84,7 @@ class WorkerService:
         self._worker = worker
         self._stop = threading.Event()
         self._signals = 0
+        self._progress_lock = threading.Lock()
         self._notifier = SystemdNotifier()
         self._watchdog = Watchdog(self._notifier)
         settings = self.settings
@@ -173,7 +174,12 @@ class WorkerService:
         """
         waiting = task.progress
         if waiting is None:
-            waiting = task.progress = deque()
+            # Made with the first report (most tasks make none); the work's
+            # own threads may make their first report at the same moment.
+            with self._progress_lock:
+                waiting = task.progress
+                if waiting is None:
+                    waiting = task.progress = deque()
         waiting.append(status)
         self._mailbox.post(lambda: self._consumer.send_progress(task))
 

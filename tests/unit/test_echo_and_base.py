@@ -1,42 +1,49 @@
-"""WorkerBase as a user subclasses it, and EchoWorker, the reference worker; no broker."""
+"""WorkerBase as a user subclasses it, EchoWorker, and what the runtime adds to
+every result, heartbeat and start-up check; no broker."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, cast
 
 import pytest
 
+from chiffon_worker import heartbeat, service
 from chiffon_worker.amqp import Delivery, DeliveryTag
 from chiffon_worker.config import Settings
+from chiffon_worker.context import TaskContext, current_task
 from chiffon_worker.echo import EchoWorker
+from chiffon_worker.errors import EXIT_CONFIG, EXIT_SOFTWARE, ConfigError
+from chiffon_worker.keeper import Backoff, _explain_loss
 from chiffon_worker.metrics import GpuProbe, HostMetrics
 from chiffon_worker.protocol import (
     StatusUpdate,
     WorkRequest,
     WorkResult,
+    WorkStatus,
     encode,
     make_envelope,
     parse_envelope,
     parse_work_request,
 )
+from chiffon_worker.runner import TaskRunner, declared_work_types
+from chiffon_worker.service import WorkerService
 from chiffon_worker.tasks import Task
-from chiffon_worker.worker import Backoff, WorkerBase
+from chiffon_worker.worker import WorkerBase
 
 GIB = 1024**3
 
 
 @pytest.fixture
-def echo_worker() -> Iterator[EchoWorker]:
-    worker = EchoWorker(Settings())
-    yield worker
-    worker._consumer.close()  # let its idle work threads end
+def echo_worker() -> EchoWorker:
+    return EchoWorker(Settings())
 
 
 def request(work_type: str, **parameters: Any) -> WorkRequest:
@@ -63,6 +70,33 @@ def task_for(work_request: WorkRequest) -> Task:
     return Task(delivery, envelope, parsed)
 
 
+class Progress:
+    """The runner's progress sink: records what each task reported."""
+
+    def __init__(self) -> None:
+        self.reports: list[tuple[Task, WorkStatus]] = []
+
+    def __call__(self, task: Task, status: WorkStatus) -> None:
+        self.reports.append((task, status))
+
+
+def runner_for(
+    worker: WorkerBase,
+    progress: Progress | None = None,
+    stop: threading.Event | None = None,
+) -> TaskRunner:
+    """A TaskRunner as WorkerService builds one for `worker`."""
+    work_types = declared_work_types(worker.get_agent_capabilities())
+    assert work_types is not None
+    return TaskRunner(
+        worker,
+        work_types,
+        worker.agent_id,
+        stop or threading.Event(),
+        progress or Progress(),
+    )
+
+
 # -- subclassing WorkerBase --------------------------------------------------
 
 
@@ -87,6 +121,48 @@ def test_subclass_without_capabilities_cannot_be_instantiated() -> None:
 
     with pytest.raises(TypeError, match="get_agent_capabilities"):
         NoCapabilities(Settings())  # type: ignore[abstract]
+
+
+def test_capabilities_are_asked_for_after_the_subclass_init_has_run() -> None:
+    class LateTypes(EchoWorker):
+        def __init__(self, settings: Settings) -> None:
+            super().__init__(settings)
+            self.types = ["echo"]  # only known once the subclass's own __init__ ran
+
+        def get_agent_capabilities(self) -> dict[str, Any]:
+            return {"work_types": self.types}
+
+    worker = LateTypes(Settings())
+
+    assert WorkerService(worker, Settings()).work_types == frozenset({"echo"})
+
+
+def test_serving_a_worker_keeps_nothing_on_the_users_object(echo_worker: EchoWorker) -> None:
+    before = dict(vars(echo_worker))
+
+    WorkerService(echo_worker, echo_worker.settings)
+
+    assert vars(echo_worker) == before
+    assert set(before) == {"settings", "agent_id"}
+
+
+def test_private_names_on_the_subclass_do_not_reach_the_runtime() -> None:
+    class Squatter(EchoWorker):
+        def __init__(self, settings: Settings) -> None:
+            super().__init__(settings)
+            # Everyday names the old WorkerBase used for its own runtime.
+            for name in ("_metrics", "_stop", "_link", "_consumer", "_stats", "_current"):
+                setattr(self, name, {})
+            self._run_task = None
+            self._heartbeat = None
+
+    worker = Squatter(Settings())
+    task = task_for(request("echo", message="still mine"))
+
+    result = runner_for(worker)(task)
+
+    assert (result.status, result.output) == ("completed", "still mine")
+    assert WorkerService(worker, Settings()).work_types == frozenset({"echo", "slow_echo", "fail"})
 
 
 # -- EchoWorker.execute_work ---------------------------------------------------
@@ -127,7 +203,7 @@ def test_unknown_work_type_fails_naming_the_supported_ones(echo_worker: EchoWork
         assert name in result.error_message
 
 
-# -- WorkerBase._run_task: what every result carries -----------------------------
+# -- TaskRunner: what every result carries -------------------------------------
 
 
 def test_result_is_stamped_with_agent_ids_duration_and_resources(
@@ -135,7 +211,7 @@ def test_result_is_stamped_with_agent_ids_duration_and_resources(
 ) -> None:
     task = task_for(request("echo", message="hello"))
 
-    result = echo_worker._run_task(task)
+    result = runner_for(echo_worker)(task)
 
     assert result.status == "completed"
     assert result.agent_id == echo_worker.agent_id
@@ -154,14 +230,14 @@ def test_cpu_time_counts_the_work_that_ran() -> None:
                 pass
             return WorkResult.completed(request, output="done")
 
-    result = Busy(Settings())._run_task(task_for(request("echo", message="spin")))
+    result = runner_for(Busy(Settings()))(task_for(request("echo", message="spin")))
 
     assert result.resources_used["cpu_time_ms"] >= 30
     assert result.duration_ms >= result.resources_used["cpu_time_ms"]
 
 
 def test_exception_in_work_becomes_a_failed_result(echo_worker: EchoWorker) -> None:
-    result = echo_worker._run_task(task_for(request("fail", message="disk on fire")))
+    result = runner_for(echo_worker)(task_for(request("fail", message="disk on fire")))
 
     assert (result.status, result.exit_code) == ("failed", 1)
     assert result.error_message is not None
@@ -169,35 +245,147 @@ def test_exception_in_work_becomes_a_failed_result(echo_worker: EchoWorker) -> N
     assert result.agent_id == echo_worker.agent_id
 
 
-def test_unknown_work_type_is_refused_before_the_work_runs(echo_worker: EchoWorker) -> None:
-    result = echo_worker._run_task(task_for(request("dance")))
+def test_unknown_work_type_is_refused_before_the_work_runs() -> None:
+    class Counting(EchoWorker):
+        runs = 0
 
+        def execute_work(self, request: WorkRequest) -> WorkResult:
+            Counting.runs += 1
+            return super().execute_work(request)
+
+    result = runner_for(Counting(Settings()))(task_for(request("dance")))
+
+    assert Counting.runs == 0
     assert (result.status, result.exit_code) == ("failed", 1)
     assert result.error_message is not None
     assert "dance" in result.error_message
     assert "slow_echo" in result.error_message
 
 
-class ReturnsText(EchoWorker):
-    def execute_work(self, request: WorkRequest) -> WorkResult:
-        return "done"  # type: ignore[return-value]
-
-
 def test_work_returning_a_non_result_gets_a_failed_result_naming_the_type() -> None:
-    worker = ReturnsText(Settings())
-    try:
-        result = worker._run_task(task_for(request("echo")))
-    finally:
-        worker._consumer.close()
+    class ReturnsText(EchoWorker):
+        def execute_work(self, request: WorkRequest) -> WorkResult:
+            return "done"  # type: ignore[return-value]
+
+    result = runner_for(ReturnsText(Settings()))(task_for(request("echo")))
 
     assert (result.status, result.exit_code) == ("failed", 1)
     assert result.error_message is not None
     assert "str" in result.error_message
 
 
+# -- the task as user code sees it ----------------------------------------------
+
+
 def test_report_progress_outside_execute_work_raises(echo_worker: EchoWorker) -> None:
     with pytest.raises(RuntimeError, match="execute_work"):
         echo_worker.report_progress(50, "halfway")
+
+
+def test_task_outside_execute_work_raises(echo_worker: EchoWorker) -> None:
+    with pytest.raises(RuntimeError, match="execute_work"):
+        _ = echo_worker.task
+
+
+def test_cancelled_is_false_outside_a_task(echo_worker: EchoWorker) -> None:
+    assert echo_worker.cancelled is False
+
+
+class Reporter(EchoWorker):
+    """Reports progress and records what it saw of its task from inside the work."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.seen: dict[str, Any] = {}
+
+    def execute_work(self, request: WorkRequest) -> WorkResult:
+        self.report_progress(10, "started")
+        self.report_progress(100, "done")
+        self.seen = {
+            "request": self.task.request,
+            "cancelled": self.cancelled,
+            "stopping": self.stopping,
+            "current": current_task(),
+        }
+        return WorkResult.completed(request)
+
+
+def test_report_progress_inside_execute_work_reaches_the_runtime_for_its_task() -> None:
+    worker = Reporter(Settings())
+    progress = Progress()
+    task = task_for(request("echo"))
+
+    runner_for(worker, progress)(task)
+
+    assert [reported for reported, _ in progress.reports] == [task, task]
+    assert [status.step.name for _, status in progress.reports] == ["started", "done"]
+    assert worker.seen["request"] == task.request
+    assert current_task() is None  # the context ends with the work
+
+
+def test_work_sees_its_task_cancelled_and_the_worker_stopping() -> None:
+    worker = Reporter(Settings())
+    stop = threading.Event()
+    stop.set()
+    task = task_for(request("echo"))
+    task.cancel_reason = "time limit of 5 s exceeded"
+
+    runner_for(worker, stop=stop)(task)
+
+    assert worker.seen["cancelled"] is True
+    assert worker.seen["stopping"] is True
+
+
+@dataclass
+class Record:
+    cancel_reason: str | None = None
+
+
+def context_posting_to(posted: list[WorkStatus]) -> TaskContext:
+    record = Record()
+
+    def post(reported: Record, status: WorkStatus) -> None:
+        assert reported is record
+        posted.append(status)
+
+    return TaskContext(request("echo"), record, threading.Event(), post)
+
+
+def test_progress_reports_are_numbered_one_two_three() -> None:
+    posted: list[WorkStatus] = []
+    context = context_posting_to(posted)
+
+    for step in ("fetch", "build", "ship"):
+        context.report_progress(50, step, output=f"{step} ok")
+
+    assert [(s.step.number, s.step.name) for s in posted] == [
+        (1, "fetch"),
+        (2, "build"),
+        (3, "ship"),
+    ]
+    assert {s.task_id for s in posted} == {context.request.task_id}
+    assert posted[0].step.output == "fetch ok"
+
+
+@pytest.mark.parametrize(
+    ("percent", "expected", "status"),
+    [
+        (math.nan, 0.0, "running"),
+        (-5, 0.0, "running"),
+        (42.5, 42.5, "running"),
+        (150, 100.0, "step_completed"),
+    ],
+)
+def test_progress_percent_is_clamped_to_what_the_protocol_allows(
+    percent: float, expected: float, status: str
+) -> None:
+    posted: list[WorkStatus] = []
+
+    context_posting_to(posted).report_progress(percent, "step")
+
+    [report] = posted
+    assert report.progress_percent == expected
+    assert report.status == status
 
 
 # -- heartbeats -----------------------------------------------------------------
@@ -230,12 +418,23 @@ class OneGpuNvml:
         return b"Fake GPU"
 
 
-def test_heartbeat_is_an_online_status_update_for_the_orchestrator(
-    echo_worker: EchoWorker,
-) -> None:
-    echo_worker._metrics = HostMetrics(GpuProbe(cast(ModuleType, OneGpuNvml())))
+@pytest.fixture
+def one_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """StatusBuilder.start() samples a host with one 16 GiB GPU, 12 GiB free."""
+    monkeypatch.setattr(
+        heartbeat, "HostMetrics", lambda: HostMetrics(GpuProbe(cast(ModuleType, OneGpuNvml())))
+    )
 
-    outgoing = echo_worker._heartbeat()
+
+@pytest.mark.usefixtures("one_gpu")
+def test_heartbeat_is_an_online_status_update_for_the_orchestrator() -> None:
+    agent_id = uuid.uuid4()
+    builder = heartbeat.StatusBuilder(agent_id, "infra", "reply_queue", list)
+    builder.start()
+    try:
+        outgoing = builder.build()
+    finally:
+        builder.close()
 
     envelope = parse_envelope(outgoing.body)
     update = StatusUpdate.model_validate(envelope.payload)
@@ -245,10 +444,25 @@ def test_heartbeat_is_an_online_status_update_for_the_orchestrator(
     assert outgoing.priority == 4
     assert outgoing.routing_key == "reply_queue"
     assert update.status == "online"
-    assert update.agent_id == echo_worker.agent_id
+    assert update.agent_id == agent_id
     assert update.current_task_id is None
     assert update.resources["gpu_vram_total_gb"] == 16.0
     assert update.resources["gpu_vram_available_gb"] == 12.0
+
+
+@pytest.mark.usefixtures("one_gpu")
+def test_heartbeat_while_a_task_runs_is_busy_and_names_it() -> None:
+    task_id = str(uuid.uuid4())
+    builder = heartbeat.StatusBuilder(uuid.uuid4(), "infra", "reply_queue", lambda: [task_id])
+    builder.start()
+    try:
+        update = StatusUpdate.model_validate(parse_envelope(builder.build().body).payload)
+        goodbye = StatusUpdate.model_validate(parse_envelope(builder.build("offline").body).payload)
+    finally:
+        builder.close()
+
+    assert (update.status, str(update.current_task_id)) == ("busy", task_id)
+    assert goodbye.status == "offline"
 
 
 # -- reconnect backoff ------------------------------------------------------------
@@ -276,25 +490,93 @@ def test_backoff_reset_starts_from_the_first_delay_again() -> None:
 
 
 def test_consumer_timeout_closing_the_channel_is_explained_in_the_log(
-    echo_worker: EchoWorker, caplog: pytest.LogCaptureFixture
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    worker = echo_worker
     reason = (
         "connection: channel closed by broker: PRECONDITION_FAILED - delivery "
         "acknowledgement on channel 1 timed out. Timeout value used: 1800000 ms."
     )
     with caplog.at_level(logging.ERROR, logger="chiffon_worker"):
-        worker._explain_loss(reason)
-        worker._explain_loss("connection: StreamLostError: EOF")
+        _explain_loss(reason)
+        _explain_loss("connection: StreamLostError: EOF")
     [record] = caplog.records
     assert "consumer_timeout" in record.getMessage()
 
 
-@pytest.mark.parametrize("capabilities", [{}, {"work_types": []}, {"work_types": [""]}, []])
-def test_capabilities_must_list_the_work_types(capabilities: Any) -> None:
+# -- capabilities and start-up ----------------------------------------------------
+
+BAD_CAPABILITIES = [
+    {},
+    {"work_types": []},
+    {"work_types": [""]},
+    {"work_types": "echo"},
+    {"work_types": [3]},
+    [],
+]
+
+
+@pytest.mark.parametrize("capabilities", BAD_CAPABILITIES)
+def test_capabilities_without_a_list_of_work_types_name_none(capabilities: Any) -> None:
+    assert declared_work_types(capabilities) is None
+
+
+def test_capabilities_listing_work_types_give_exactly_those() -> None:
+    declared = declared_work_types({"work_types": ["echo", "fail"], "description": "x"})
+
+    assert declared == frozenset({"echo", "fail"})
+
+
+def vague(capabilities: object) -> type[EchoWorker]:
+    """An EchoWorker class whose capabilities are `capabilities`."""
+
     class Vague(EchoWorker):
         def get_agent_capabilities(self) -> dict[str, Any]:
-            return capabilities  # type: ignore[no-any-return]
+            return cast(dict[str, Any], capabilities)
 
-    with pytest.raises(TypeError, match="work_types"):
-        Vague(Settings())
+    return Vague
+
+
+@pytest.mark.parametrize("capabilities", BAD_CAPABILITIES)
+def test_serving_a_worker_without_work_types_is_a_config_error(capabilities: Any) -> None:
+    worker = vague(capabilities)(Settings())
+
+    with pytest.raises(ConfigError, match="work_types"):
+        WorkerService(worker, Settings())
+
+
+@pytest.fixture
+def serve_without_logging_setup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """serve() would replace the root logger's handlers, caplog's among them."""
+    monkeypatch.setattr(service, "setup_logging", lambda *_args, **_kwargs: None)
+
+
+@pytest.mark.usefixtures("serve_without_logging_setup")
+def test_serve_without_work_types_exits_78_with_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = vague({"work_types": []}).serve(Settings())
+
+    err = capsys.readouterr().err
+    assert code == EXIT_CONFIG
+    assert err.count("\n") == 1
+    assert "configuration error" in err
+    assert "work_types" in err
+
+
+@pytest.mark.usefixtures("serve_without_logging_setup")
+def test_serve_shows_a_bug_in_the_users_init_with_its_traceback_and_exits_70(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Broken(EchoWorker):
+        def __init__(self, settings: Settings) -> None:
+            super().__init__(settings)
+            raise TypeError("typo in my own __init__")
+
+    with caplog.at_level(logging.ERROR, logger="chiffon_worker"):
+        code = Broken.serve(Settings())
+
+    assert code == EXIT_SOFTWARE
+    [record] = [r for r in caplog.records if r.exc_info]
+    assert record.exc_info is not None
+    assert isinstance(record.exc_info[1], TypeError)
+    assert "typo in my own __init__" in caplog.text

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format run-agent bench bench-quick soak dist clean install-systemd
+.PHONY: install test lint format run-agent bench bench-quick soak test-slow dist clean install-systemd
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ bench-quick: install
 
 soak: install
 	$(BIN)/pytest -m soak -p no:cacheprovider -s tests/integration
+
+test-slow: install
+	$(BIN)/pytest -m slow -p no:cacheprovider tests/integration
 
 dist: install
 	rm -rf dist

@@ -60,6 +60,7 @@ class Settings(BaseModel):
     tls_verify_hostname: bool = True
     amqp_heartbeat: int = Field(default=30, ge=0, le=3600)
     blocked_connection_timeout: float = Field(default=60.0, gt=0)
+    reconnect_max_delay: float = Field(default=4.0, ge=0.5, le=300)
     agent_type: AgentType = "infra"
     agent_id: uuid.UUID | None = None
     heartbeat_interval: float = Field(default=60.0, gt=0)

@@ -21,7 +21,8 @@ from chiffon_worker.sdnotify import SystemdNotifier
 logger = logging.getLogger(__name__)
 
 BACKOFF_FIRST_SECONDS = 0.5
-BACKOFF_CAP_SECONDS = 30.0
+# The default of CHIFFON_RECONNECT_MAX_DELAY: back within seconds of the broker.
+BACKOFF_CAP_SECONDS = 4.0
 
 
 class Backoff:
@@ -50,13 +51,14 @@ class LinkKeeper:
         on_connected: Callable[[], None],
         on_lost: Callable[[], None],
         wait: Callable[[float], None],
+        max_delay: float = BACKOFF_CAP_SECONDS,
     ) -> None:
         self._link = link
         self._notifier = notifier
         self._on_connected = on_connected
         self._on_lost = on_lost
         self._wait = wait
-        self._backoff = Backoff()
+        self._backoff = Backoff(cap=max_delay)
         self._next_attempt = 0.0
         self._down_since = time.monotonic()
         self._connections = 0

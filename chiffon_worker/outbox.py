@@ -21,9 +21,10 @@ from chiffon_worker.amqp import DeliveryTag, Outgoing, PublishState
 logger = logging.getLogger(__name__)
 
 MAX_PUBLISH_ATTEMPTS = 3
-# Progress waiting unconfirmed beyond this is dropped (a later report
-# supersedes it): a storm of reports during an outage must not grow memory
-# without bound. Results and errors are never dropped for this.
+# Progress waiting unconfirmed beyond this while the connection is down is
+# dropped (a later report supersedes it): a storm of reports during an outage
+# must not grow memory without bound. While connected every report is written
+# at once, so none is dropped. Results and errors are never dropped for this.
 MAX_PROGRESS_WAITING = 10_000
 
 
@@ -61,7 +62,7 @@ class Outbox:
 
     def add_progress(self, message: Outgoing) -> bool:
         """Queue a progress report; False (dropped) when too many already wait."""
-        if self._progress_waiting >= MAX_PROGRESS_WAITING:
+        if self._progress_waiting >= MAX_PROGRESS_WAITING and not self._link.is_open:
             self._progress_dropped += 1
             if self._progress_dropped == 1:
                 logger.warning(

@@ -163,7 +163,10 @@ class Watchdog:
 
     def __init__(self, notifier: SystemdNotifier) -> None:
         self._notifier = notifier
-        self._interval = notifier.watchdog_interval()
+        half = notifier.watchdog_interval()
+        # Every third of WatchdogSec rather than every half: a ping may come up
+        # to one turn late, and even then no gap reaches half of WatchdogSec.
+        self._interval = None if half is None else half * 2 / 3
         self._last = float("-inf")
 
     def feed(self, now: float) -> None:

@@ -124,6 +124,7 @@ class WorkerService:
             on_connected=self._on_connected,
             on_lost=self._consumer.on_connection_lost,
             wait=self._mailbox.wait,
+            max_delay=settings.reconnect_max_delay,
         )
         self._rescuer = Rescuer(take_over_after=TAKE_OVER_AFTER_SECONDS, turn=self.turn)
         self._consumer_cancelled = False

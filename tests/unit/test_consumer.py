@@ -604,7 +604,7 @@ def test_progress_storm_publishes_each_report_once(make: Callable[..., Harness])
     assert harness.link.sent_twice == []
 
 
-def test_progress_beyond_the_cap_is_dropped_and_the_result_still_goes_out(
+def test_progress_beyond_the_cap_during_an_outage_is_dropped_and_the_result_still_goes_out(
     make: Callable[..., Harness],
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -616,9 +616,12 @@ def test_progress_beyond_the_cap_is_dropped_and_the_result_still_goes_out(
     assert task is not None
 
     with caplog.at_level(logging.INFO, logger="chiffon_worker"):
+        harness.link.is_open = False  # an outage: the reports pile up unsent
         for number in range(200):
             harness.report(task, progress(task, number % 100))
         harness.baton.run_posted()
+        harness.link.is_open = True
+        harness.consumer.on_connected()
         task.finish(harness.work(task))
         harness.consumer.finish_inline(task)
         harness.confirm_all()
@@ -629,6 +632,26 @@ def test_progress_beyond_the_cap_is_dropped_and_the_result_still_goes_out(
     messages = [r.getMessage() for r in caplog.records]
     assert messages.count("progress reports dropped: too many wait for the broker") == 1
     assert "progress reports flowing again" in messages
+
+
+def test_progress_beyond_the_cap_is_not_dropped_while_connected(
+    make: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(outbox_module, "MAX_PROGRESS_WAITING", 50)
+    harness = make()
+    harness.deliver(Sent())
+    task = harness.consumer.take_inline()
+    assert task is not None
+
+    for number in range(200):  # confirms lag behind: all 200 wait for the broker at once
+        harness.report(task, progress(task, number % 100))
+    harness.baton.run_posted()
+    task.finish(harness.work(task))
+    harness.consumer.finish_inline(task)
+    harness.confirm_all()
+
+    assert len(harness.messages("work_status")) == 200
+    assert len(harness.results()) == 1
 
 
 # -- the outbox across a reconnect --------------------------------------------------------

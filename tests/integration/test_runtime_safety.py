@@ -1,0 +1,350 @@
+"""The runtime is safe by construction: no silence after a cut, no crash under
+progress, the user's class left to the user (issue 9's "Must show").
+
+Each test runs `chiffon-worker run` as a real process against the real broker.
+Where systemd's watchdog matters, the test stands in for systemd: it binds the
+NOTIFY_SOCKET datagram socket and time-stamps every notification.
+"""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from tests.helpers.broker import Orchestrator, Vhost, work_request
+from tests.helpers.process import WorkerProcess
+from tests.helpers.proxy import TcpProxy
+
+pytestmark = pytest.mark.integration
+
+Spawn = Callable[..., WorkerProcess]
+
+WATCHDOG_USEC = 4_000_000
+# WatchdogSec itself: systemd kills a worker that goes this long without a
+# ping (the feeder pings every half of it, as sd_watchdog_enabled advises).
+MAX_WATCHDOG_GAP_S = 4.0
+
+
+def _via(proxy: TcpProxy, vhost: Vhost) -> str:
+    return proxy.url(quote(vhost.name, safe=""))
+
+
+def _busy_with(orchestrator: Orchestrator, request: dict[str, Any]) -> list[dict[str, Any]]:
+    task_id = request["payload"]["task_id"]
+    return [
+        h
+        for h in orchestrator.heartbeats()
+        if h["payload"]["status"] == "busy" and h["payload"]["current_task_id"] == task_id
+    ]
+
+
+def _results_for(orchestrator: Orchestrator, request: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every copy of the request's result that reached reply_queue (no deduplication)."""
+    return [r for r in orchestrator.results() if r["request_id"] == request["request_id"]]
+
+
+def _progress_for(orchestrator: Orchestrator, request: dict[str, Any]) -> int:
+    task_id = request["payload"]["task_id"]
+    return sum(
+        1
+        for m in orchestrator.received["reply_queue"]
+        if m.get("type") == "work_status" and m["payload"].get("task_id") == task_id
+    )
+
+
+def _serve_until(orchestrator: Orchestrator, moment: float) -> None:
+    """Keep the orchestrator's consumer running until the monotonic clock reads `moment`.
+
+    Not a stand-in for synchronisation: the scenarios are defined by elapsed
+    time ("4 s into the task", "a 60 s outage").
+    """
+    orchestrator.wait_until(
+        lambda: time.monotonic() >= moment, moment - time.monotonic() + 5, "the clock"
+    )
+
+
+def _seconds_until(
+    orchestrator: Orchestrator, condition: Callable[[], bool], timeout: float
+) -> float | None:
+    """How long until `condition()` held (the orchestrator consuming meanwhile); None: never."""
+    started = time.monotonic()
+    try:
+        orchestrator.wait_until(condition, timeout)
+    except AssertionError:
+        return None
+    return round(time.monotonic() - started, 2)
+
+
+def _warnings(worker: WorkerProcess) -> list[str]:
+    return [str(r.get("message")) for r in worker.records() if r.get("level") == "WARNING"]
+
+
+def _stop_and_wait_offline(worker: WorkerProcess, orchestrator: Orchestrator) -> int:
+    """SIGTERM; the offline beat follows everything the worker published before it."""
+    code = worker.stop()
+    orchestrator.wait_until(
+        lambda: any(h["payload"]["status"] == "offline" for h in orchestrator.heartbeats()),
+        10,
+        "the offline heartbeat",
+    )
+    return code
+
+
+class NotifyListener:
+    """Stands in for systemd: receives sd_notify datagrams on a thread, time-stamped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(path))
+        self._sock.settimeout(0.2)
+        self._lock = threading.Lock()
+        self._received: list[tuple[float, str]] = []
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._receive, name="notify-listener", daemon=True)
+        self._thread.start()
+
+    def _receive(self) -> None:
+        while not self._closed.is_set():
+            try:
+                data = self._sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # closed under us
+            with self._lock:
+                self._received.append((time.monotonic(), data.decode(errors="replace")))
+
+    def pings(self) -> list[float]:
+        """When each WATCHDOG=1 arrived."""
+        with self._lock:
+            return [at for at, text in self._received if "WATCHDOG=1" in text.split("\n")]
+
+    def max_gap(self, start: float, end: float) -> float:
+        """Longest stretch of [start, end] without a watchdog ping (both ends count)."""
+        moments = [start, *(at for at in self.pings() if start < at < end), end]
+        return max(later - earlier for earlier, later in itertools.pairwise(moments))
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(timeout=5)
+        self._sock.close()
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[NotifyListener]:
+    listener = NotifyListener(tmp_path / "notify")
+    try:
+        yield listener
+    finally:
+        listener.close()
+
+
+@pytest.fixture
+def supervised(tmp_path: Path, notify: NotifyListener) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start a worker process as a Type=notify unit with WatchdogSec=4 would."""
+    started: list[WorkerProcess] = []
+
+    def start(url: str, **settings: object) -> WorkerProcess:
+        worker = WorkerProcess(url, tmp_path / "worker.log", **settings)
+        worker.env["NOTIFY_SOCKET"] = str(notify.path)
+        worker.env["WATCHDOG_USEC"] = str(WATCHDOG_USEC)
+        started.append(worker.start())
+        return worker
+
+    try:
+        yield start
+    finally:
+        for worker in started:
+            worker.kill()
+
+
+def _first_ping(notify: NotifyListener, orchestrator: Orchestrator) -> float:
+    orchestrator.wait_until(lambda: bool(notify.pings()), 20, "the first watchdog ping")
+    return notify.pings()[0]
+
+
+# -- every execution path survives a cut --------------------------------------------
+
+
+def test_a_cut_during_long_inline_work_keeps_heartbeats_watchdog_and_the_result(
+    vhost: Vhost,
+    orchestrator: Orchestrator,
+    proxy: TcpProxy,
+    notify: NotifyListener,
+    supervised: Callable[..., WorkerProcess],
+) -> None:
+    # Defaults: prefetch 1, early ack, no time limit: the task runs inline.
+    worker = supervised(_via(proxy, vhost), heartbeat_interval=1)
+    watched_from = _first_ping(notify, orchestrator)
+    task = work_request("slow_echo", {"seconds": 20, "message": "through the cut"})
+    orchestrator.publish(task)
+    orchestrator.wait_until(lambda: bool(_busy_with(orchestrator, task)), 20, "the task to start")
+    _serve_until(orchestrator, time.monotonic() + 4)
+    assert proxy.open_connections == 1, "the worker should still be on its first connection"
+
+    busy_before = len(_busy_with(orchestrator, task))
+    cut_at = time.monotonic()
+    proxy.cut()
+    _serve_until(orchestrator, cut_at + 11)
+    busy_after_cut = len(_busy_with(orchestrator, task)) - busy_before
+
+    result = orchestrator.wait_for_result(task, timeout=30)["payload"]
+    finished_at = time.monotonic()
+    gap = notify.max_gap(watched_from, finished_at)
+    assert _stop_and_wait_offline(worker, orchestrator) == 0
+    warnings = _warnings(worker)
+    print(
+        f"\ncut during inline work: {busy_after_cut} busy heartbeats in the 11 s after the cut,"
+        f" max watchdog gap {gap:.2f} s, {len(warnings)} warnings: {warnings}"
+    )
+
+    assert worker.messages().count("connection lost") == 1, "the cut went unnoticed"
+    assert busy_after_cut >= 8
+    assert gap <= MAX_WATCHDOG_GAP_S
+    assert len(warnings) <= 10
+    assert (result["status"], result["output"]) == ("completed", "through the cut")
+    assert len(_results_for(orchestrator, task)) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_minute_long_broker_outage_during_long_work_keeps_the_watchdog_fed(
+    vhost: Vhost,
+    orchestrator: Orchestrator,
+    proxy: TcpProxy,
+    notify: NotifyListener,
+    supervised: Callable[..., WorkerProcess],
+) -> None:
+    worker = supervised(_via(proxy, vhost), heartbeat_interval=1)
+    watched_from = _first_ping(notify, orchestrator)
+    task = work_request("slow_echo", {"seconds": 90, "message": "outlived the outage"})
+    orchestrator.publish(task)
+    orchestrator.wait_until(lambda: bool(_busy_with(orchestrator, task)), 20, "the task to start")
+    _serve_until(orchestrator, time.monotonic() + 5)
+
+    proxy.refuse()  # the broker is gone: new connections are closed at once...
+    proxy.cut()  # ...and the current one with them
+    down_at = time.monotonic()
+    orchestrator.wait_until(
+        lambda: "broker not reachable, retrying" in worker.messages(), 20, "a failed reconnect"
+    )
+    _serve_until(orchestrator, down_at + 60)
+    busy_before = len(_busy_with(orchestrator, task))
+    proxy.accept()
+    reopened_at = time.monotonic()
+    # Waits past the 5 s allowed, so a failure says how late the beats were.
+    resumed_after = _seconds_until(
+        orchestrator, lambda: len(_busy_with(orchestrator, task)) > busy_before, 35
+    )
+
+    result = orchestrator.wait_for_result(task, timeout=60)["payload"]
+    finished_at = time.monotonic()
+    gap = notify.max_gap(watched_from, finished_at)
+    outage_gap = notify.max_gap(down_at, reopened_at)
+    assert _stop_and_wait_offline(worker, orchestrator) == 0
+    warnings = _warnings(worker)
+    print(
+        f"\n60 s outage: heartbeats resumed {resumed_after} s after reopening,"
+        f" max watchdog gap {gap:.2f} s (during the outage {outage_gap:.2f} s),"
+        f" {len(warnings)} warnings"
+    )
+
+    assert resumed_after is not None, "no busy heartbeat within 35 s of the broker coming back"
+    assert resumed_after <= 5
+    assert gap <= MAX_WATCHDOG_GAP_S
+    assert (result["status"], result["output"]) == ("completed", "outlived the outage")
+    assert len(_results_for(orchestrator, task)) == 1
+
+
+# -- progress storms ------------------------------------------------------------------
+
+EXECUTION_PATHS = {
+    "inline": {},
+    "work_thread": {"default_max_duration": 600},
+    "prefetch_4": {"prefetch": 4},
+    "late_ack": {"ack_mode": "late"},
+}
+
+
+@pytest.mark.parametrize("path_settings", EXECUTION_PATHS.values(), ids=EXECUTION_PATHS.keys())
+def test_progress_storms_complete_and_the_worker_survives(
+    orchestrator: Orchestrator, spawn: Spawn, path_settings: dict[str, object]
+) -> None:
+    worker = spawn(worker="tests.helpers.workers:ProgressStormWorker", **path_settings)
+    tasks = [work_request("storm", {"count": 3000}) for _ in range(4)]
+    for task in tasks:
+        orchestrator.publish(task)
+    results = [orchestrator.wait_for_result(task, timeout=45)["payload"] for task in tasks]
+    assert worker.process is not None
+    alive = worker.process.poll() is None
+    log = worker.log_path.read_text(errors="replace")
+    errors = [r for r in worker.records() if r.get("level") in ("ERROR", "CRITICAL")]
+    received = [_progress_for(orchestrator, task) for task in tasks]
+    print(f"\nprogress reports received per task: {received}")
+
+    assert [(r["status"], r["output"]) for r in results] == [("completed", "3000 reports")] * 4
+    assert alive, f"the worker died: {log[-2000:]}"
+    assert "Traceback" not in log
+    assert not errors
+    assert worker.stop() == 0
+
+
+# -- the user's class is the user's ------------------------------------------------
+
+
+def test_a_subclass_using_the_old_runtime_names_still_answers_beats_and_stops(
+    orchestrator: Orchestrator, spawn: Spawn
+) -> None:
+    worker = spawn(worker="tests.helpers.workers:SquattingWorker", heartbeat_interval=1)
+    orchestrator.wait_until(lambda: bool(orchestrator.heartbeats()), 20, "the first heartbeat")
+    first_beat = time.monotonic()
+    request = work_request("echo", {"message": "mine"})
+    orchestrator.publish(request)
+    result = orchestrator.wait_for_result(request)["payload"]
+    _serve_until(orchestrator, first_beat + 4)
+    beats = len(orchestrator.heartbeats()) - 1  # after the one sent on connecting
+    print(f"\nsquatting subclass: {beats} heartbeats in the ~4 s after the first")
+
+    assert (result["status"], result["output"]) == ("completed", "mine")
+    assert beats >= 3
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    assert "stopped" in worker.messages()
+
+
+# A TypeError once passed for a configuration error (exit 78, never restarted).
+@pytest.mark.parametrize("worker_class", ["BrokenInitWorker", "TypeErrorInitWorker"])
+def test_a_bug_in_the_subclass_init_shows_its_traceback_and_exits_for_a_restart(
+    spawn: Spawn, worker_class: str
+) -> None:
+    worker = spawn(worker=f"tests.helpers.workers:{worker_class}")
+    code = worker.wait(timeout=30)
+    output = worker.log_path.read_text(errors="replace")
+
+    assert code not in (0, 77, 78)
+    assert "Traceback" in output
+    assert "boom in init" in output
+
+
+def test_capabilities_without_work_types_are_a_one_line_configuration_error(
+    spawn: Spawn,
+) -> None:
+    worker = spawn(worker="tests.helpers.workers:NoWorkTypesWorker")
+    code = worker.wait(timeout=30)
+    output = worker.log_path.read_text(errors="replace")
+    lines = [line for line in output.splitlines() if "configuration error" in line]
+
+    assert code == 78
+    assert len(lines) == 1, output
+    assert "work_types" in lines[0]
+    assert "Traceback" not in output

@@ -397,6 +397,10 @@ class BrokerLink:
     def _deliver(
         self, generation: int, method: Basic.Deliver, props: BasicProperties, body: bytes
     ) -> None:
+        if generation != self._generation:
+            # Read from a connection given up on while long work ran inside
+            # pika's callback: the broker requeues it, so it is not ours to run.
+            return
         tag = DeliveryTag(generation, method.delivery_tag)
         self._on_delivery(Delivery(tag, body, props.reply_to, props.correlation_id))
 
@@ -503,8 +507,14 @@ class BrokerLink:
         if connection is None or not connection.is_open:
             # Also when another thread (the rescue thread) saw it die.
             raise ConnectionLost("not connected")
-        with _SERVICING:
-            connection.process_data_events(time_limit=time_limit)
+        try:
+            with _SERVICING:
+                connection.process_data_events(time_limit=time_limit)
+        except ConnectionLost:
+            if connection is self._connection:
+                raise
+            # Long inline work ran inside this call while the rescue thread
+            # replaced the connection: the old one's end is old news.
 
     def call_threadsafe(self, callback: Callable[[], None]) -> bool:
         """Run `callback` on the connection's thread soon; False if not connected."""

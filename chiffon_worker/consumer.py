@@ -94,7 +94,7 @@ class RequestConsumer:
         post: Callable[[Callable[[], None]], None],
         stats: Stats | None = None,
         after_task: Callable[[Task], None] | None = None,
-        inline: bool = True,
+        run_inline: Callable[[Task], None] | None = None,
     ) -> None:
         self._stats = stats or Stats()
         self._link = link
@@ -115,8 +115,7 @@ class RequestConsumer:
         # Inline work needs the one slot and an early ack (a late ack must wait
         # for the result anyway), and no time limit: only a work thread can be
         # abandoned when work overruns.
-        self._inline = inline and self._slots == 1 and not self._late_ack
-        self._inline_waiting: Task | None = None
+        self._run_inline = run_inline if self._slots == 1 and not self._late_ack else None
 
     # -- state other threads may read ----------------------------------------
 
@@ -253,20 +252,16 @@ class RequestConsumer:
             task.deadline = task.started + float(limit)
         self._running[task.request_id] = task
         self._stats.in_flight(len(self._running))
-        if self._inline and task.deadline is None:
-            # Run by the service once pika has returned (take_inline): work
-            # never runs inside a pika callback, so whoever services the
-            # connection meanwhile may use all of pika, reconnects included.
-            self._inline_waiting = task
+        if self._run_inline is not None and task.deadline is None:
+            # Right here, inside pika's delivery callback: a delivery that
+            # arrives meanwhile is dispatched straight after this one returns,
+            # in the same pass through pika (half the cost of going round the
+            # loop). The service calls finish_inline when the work is done.
+            self._run_inline(task)
             return
         self._threads.submit(task)
         if task.wait_briefly(FAST_PATH_SECONDS):
             self._complete(task)
-
-    def take_inline(self) -> Task | None:
-        """The task to run on the connection thread now, if one was accepted."""
-        task, self._inline_waiting = self._inline_waiting, None
-        return task
 
     def finish_inline(self, task: Task) -> None:
         """After the service ran an inline task (its result is set)."""
@@ -325,6 +320,15 @@ class RequestConsumer:
             first[2].extend(self._late_acks(delivery))
         payloads = [self._queue_result(result, *answer) for answer in by_message.values()]
         return Answered(payloads[0], tuple(by_message))
+
+    def stop_consuming_while_busy(self) -> None:
+        """Long inline work: deliveries pika has not handed over go back to the queue.
+
+        pika cannot hand them to us while the work runs inside its callback;
+        cancelling the consumer makes it requeue them for an idle worker.
+        """
+        if self._link.is_open and self._link.consuming:
+            self._link.stop_consuming()
 
     def cancel_running(self, reason: str) -> None:
         """Tell every running task it must end early (work sees it as `cancelled`)."""

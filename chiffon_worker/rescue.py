@@ -10,10 +10,14 @@ the task runs.
 The baton is the right to call pika and to touch what the connection's owner
 owns (consumer, outbox). The connection thread holds it at all times except
 while it runs inline work; this thread holds it only while that work runs
-long. Inline work never runs inside a pika callback (the consumer hands it
-to the service after pika returns), so a turn here is a whole turn: AMQP and
-status heartbeats, progress, timers, the systemd watchdog, reconnecting after
-a cut, and the stop sequence.
+long, and runs the service's turns meanwhile: AMQP and status heartbeats,
+progress, the systemd watchdog, reconnecting after a cut, and the stop
+sequence. Inline work runs inside pika's delivery callback, where pika
+dispatches nothing more on that connection (no deliveries, timers or
+handed-over callbacks: the turn drains the mailbox itself); so after the
+hold grace this thread cancels the consumer, and pika returns the deliveries
+it had not handed over to the queue, for an idle worker. A connection this
+thread opens after a cut is a fresh one, with all of pika.
 """
 
 from __future__ import annotations
@@ -32,11 +36,20 @@ TICK_SECONDS = 0.1
 
 
 class Rescuer(threading.Thread):
-    def __init__(self, *, take_over_after: float, turn: Callable[[float], None]) -> None:
+    def __init__(
+        self,
+        *,
+        take_over_after: float,
+        hold_grace: float,
+        turn: Callable[[float], None],
+        on_long_work: Callable[[], None],
+    ) -> None:
         super().__init__(name="chiffon-rescue", daemon=True)
         self.baton = threading.Lock()
         self._take_over_after = take_over_after
+        self._hold_grace = hold_grace
         self._turn = turn
+        self._on_long_work = on_long_work
         self._inline_since: float | None = None
         self._stop_event = threading.Event()
 
@@ -68,9 +81,13 @@ class Rescuer(threading.Thread):
         with self.baton:
             if self._inline_since == since:
                 logger.debug("long work on the connection thread: the rescue thread serves")
+            past_grace = False
             while self._inline_since == since and not self._stop_event.is_set():
                 try:
                     self._turn(TICK_SECONDS)
+                    if not past_grace and time.monotonic() - since >= self._hold_grace:
+                        past_grace = True
+                        self._on_long_work()
                 except Exception:  # this thread must outlive any one bad turn
                     logger.exception("rescue thread: a turn failed while covering long work")
                     self._stop_event.wait(TICK_SECONDS)

@@ -32,7 +32,7 @@ from typing import Any
 
 from chiffon_worker.amqp import BrokerLink, Delivery, Outgoing, PublishState
 from chiffon_worker.config import Settings, load_settings, unknown_variables
-from chiffon_worker.consumer import RequestConsumer
+from chiffon_worker.consumer import HOLD_GRACE_SECONDS, RequestConsumer
 from chiffon_worker.context import forget_stop_flag, register_stop_flag
 from chiffon_worker.errors import (
     EXIT_FAILED,
@@ -110,6 +110,7 @@ class WorkerService:
             self._mailbox.post,
             self._stats,
             after_task=_log_finished,
+            run_inline=self._run_inline,
         )
         self._run_task = runner
         self._status = StatusBuilder(
@@ -126,7 +127,12 @@ class WorkerService:
             wait=self._mailbox.wait,
             max_delay=settings.reconnect_max_delay,
         )
-        self._rescuer = Rescuer(take_over_after=TAKE_OVER_AFTER_SECONDS, turn=self.turn)
+        self._rescuer = Rescuer(
+            take_over_after=TAKE_OVER_AFTER_SECONDS,
+            hold_grace=HOLD_GRACE_SECONDS,
+            turn=self.turn,
+            on_long_work=self._return_waiting_deliveries,
+        )
         self._consumer_cancelled = False
         self._inline: Task | None = None
         self._stop_deadline: float | None = None
@@ -226,9 +232,6 @@ class WorkerService:
         try:
             while not self._finished:
                 self.turn(LOOP_TICK_SECONDS)
-                task = self._consumer.take_inline()
-                if task is not None:
-                    self._run_inline(task)
             return self._exit_code
         finally:
             forget_stop_flag(self._worker)
@@ -241,18 +244,22 @@ class WorkerService:
             self._link.close()
 
     def _run_inline(self, task: Task) -> None:
-        with task.log_context():
-            self._inline = task
-            try:
-                self._rescuer.run_inline(lambda: self._work_on(task))
-            finally:
-                self._inline = None
-            try:
-                self._consumer.finish_inline(task)
-            except ConnectionLost as exc:
-                self._keeper.lost(str(exc))
-            if not task.abandoned:
-                _log_finished(task)
+        """Connection thread, inside pika's delivery callback (the consumer calls it)."""
+        self._inline = task
+        try:
+            self._rescuer.run_inline(lambda: self._work_on(task))
+        finally:
+            self._inline = None
+        self._consumer.finish_inline(task)
+        if not task.abandoned:
+            _log_finished(task)
+
+    def _return_waiting_deliveries(self) -> None:
+        """Rescue thread, once inline work has run past the hold grace."""
+        try:
+            self._consumer.stop_consuming_while_busy()
+        except ConnectionLost as exc:
+            self._keeper.lost(str(exc))
 
     def _work_on(self, task: Task) -> None:
         task.finish(self._run_task(task))

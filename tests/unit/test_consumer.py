@@ -249,7 +249,12 @@ class Harness:
         self.baton = Baton()
         self.work = work
         settings = Settings(prefetch=prefetch, ack_mode=ack_mode, max_result_bytes=max_result_bytes)
-        self.consumer = RequestConsumer(self.link, settings, AGENT_ID, work, self.baton.post)
+        # The service runs inline work inside the delivery callback; here it is
+        # parked, so the test decides when it finishes.
+        self.parked: list[Task] = []
+        self.consumer = RequestConsumer(
+            self.link, settings, AGENT_ID, work, self.baton.post, run_inline=self.parked.append
+        )
         self.consumer.on_connected()
         self._tags = 0
 
@@ -265,12 +270,15 @@ class Harness:
         return delivery
 
     def run_inline(self) -> Task:
-        """What the service does after a turn: run the parked inline task, then finish it."""
-        task = self.consumer.take_inline()
+        """What the service does inside the callback: run the inline task, then finish it."""
+        task = self.take_inline()
         assert task is not None, "no task was waiting to run inline"
         task.finish(self.work(task))
         self.consumer.finish_inline(task)
         return task
+
+    def take_inline(self) -> Task | None:
+        return self.parked.pop(0) if self.parked else None
 
     def report(self, task: Task, status: WorkStatus) -> None:
         """A progress report as the service hands it over (service._progress_from)."""
@@ -363,7 +371,7 @@ def test_held_delivery_goes_back_to_the_queue_after_the_grace_consumer_cancelled
     harness.run_inline()
 
     assert link.consuming  # a free slot consumes again
-    assert harness.consumer.take_inline() is None
+    assert harness.take_inline() is None
 
 
 def test_after_a_reconnect_no_new_work_is_taken_until_the_running_task_ends(
@@ -586,7 +594,7 @@ def test_progress_storm_publishes_each_report_once(make: Callable[..., Harness])
     reports = 5000
     harness = make()
     harness.deliver(Sent())
-    task = harness.consumer.take_inline()
+    task = harness.take_inline()
     assert task is not None
 
     for number in range(reports):
@@ -612,7 +620,7 @@ def test_progress_beyond_the_cap_during_an_outage_is_dropped_and_the_result_stil
     monkeypatch.setattr(outbox_module, "MAX_PROGRESS_WAITING", 50)
     harness = make()
     harness.deliver(Sent())
-    task = harness.consumer.take_inline()
+    task = harness.take_inline()
     assert task is not None
 
     with caplog.at_level(logging.INFO, logger="chiffon_worker"):
@@ -640,7 +648,7 @@ def test_progress_beyond_the_cap_is_not_dropped_while_connected(
     monkeypatch.setattr(outbox_module, "MAX_PROGRESS_WAITING", 50)
     harness = make()
     harness.deliver(Sent())
-    task = harness.consumer.take_inline()
+    task = harness.take_inline()
     assert task is not None
 
     for number in range(200):  # confirms lag behind: all 200 wait for the broker at once

@@ -51,8 +51,18 @@ class Turns:
             return event
 
 
-def started(turns: Turns, take_over_after: float = 0.05) -> Rescuer:
-    rescuer = Rescuer(take_over_after=take_over_after, turn=turns)
+def started(
+    turns: Turns,
+    take_over_after: float = 0.05,
+    hold_grace: float = WAIT_S,
+    on_long_work: Callable[[], None] = lambda: None,
+) -> Rescuer:
+    rescuer = Rescuer(
+        take_over_after=take_over_after,
+        hold_grace=hold_grace,
+        turn=turns,
+        on_long_work=on_long_work,
+    )
     turns.rescuer = rescuer
     rescuer.baton.acquire()  # as the connection thread does in WorkerService.run()
     rescuer.start()
@@ -145,3 +155,29 @@ def test_rescue_thread_outlives_a_failing_turn(caplog: pytest.LogCaptureFixture)
 
     assert turns.count >= 3
     assert "a turn failed" in caplog.text
+
+
+def test_work_past_the_hold_grace_returns_waiting_deliveries_once() -> None:
+    turns = Turns()
+    returned: list[str] = []
+    told = threading.Event()
+
+    def return_waiting() -> None:
+        returned.append(threading.current_thread().name)
+        told.set()
+
+    rescuer = started(turns, hold_grace=0.2, on_long_work=return_waiting)
+    try:
+
+        def work() -> None:
+            # Runs until told, then a few more turns: a second call would show by then.
+            long_work_until(told)
+            long_work_until(turns.reached(turns.count + 3))
+
+        rescuer.run_inline(work)
+    finally:
+        rescuer.stop()
+        rescuer.join(5)
+        rescuer.baton.release()
+
+    assert returned == ["chiffon-rescue"]

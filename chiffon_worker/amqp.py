@@ -38,6 +38,9 @@ from chiffon_worker.topology import Topology
 logger = logging.getLogger(__name__)
 
 CONTENT_TYPE = "application/json"
+# How long to wait before consuming the control queue again after the broker
+# refused our exclusive consumer (someone else holds it).
+CONTROL_RETRY_S = 10.0
 PERSISTENT = 2
 TRANSIENT = 1
 
@@ -269,6 +272,7 @@ class BrokerLink:
         on_delivery: DeliveryHandler,
         on_consumer_cancelled: Callable[[], None],
         on_confirmed: Callable[[], None] = lambda: None,
+        on_control: DeliveryHandler | None = None,
         tls: TlsFiles | None = None,
     ) -> None:
         self._urls = urls
@@ -281,6 +285,11 @@ class BrokerLink:
         self._on_delivery = on_delivery
         self._on_consumer_cancelled = on_consumer_cancelled
         self._on_confirmed = on_confirmed
+        self._on_control = on_control
+        # The control queue is consumed on a channel of its own, so a refused
+        # exclusive consumer (another worker with our agent_id) costs only it.
+        self._control_channel: BlockingChannel | None = None
+        self._control_retry_at: float | None = None
         self._connection: BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
         self._consumer_tag: str | None = None
@@ -323,6 +332,7 @@ class BrokerLink:
         _watch_for_silence(connection, 2.0 * float(connection._impl.params.heartbeat or 0))
         self._consumer_tag = None
         self.current_url = redact_url(url)
+        self._start_control()
 
     @property
     def is_open(self) -> bool:
@@ -340,6 +350,8 @@ class BrokerLink:
             # A confirm from a channel we left behind must not touch what we publish next.
             self._generation += 1
         self._consumer_tag = None
+        self._control_channel = None
+        self._control_retry_at = None
         # Never confirmed, so to be published again on the next channel, which
         # numbers its publishes from 1 again (a settle the old one had
         # scheduled never runs).
@@ -393,6 +405,72 @@ class BrokerLink:
             return
         with _translated("basic.cancel"):
             self._channel.basic_cancel(tag)
+
+    # -- the control queue ----------------------------------------------------
+
+    def _start_control(self) -> None:
+        """Consume our control queue, exclusively, on its own channel."""
+        queue = self._topology.control_queue
+        connection = self._connection
+        if queue is None or self._on_control is None or connection is None:
+            return
+        self._control_retry_at = None
+        generation = self._generation
+        try:
+            channel = connection.channel()
+            channel.add_on_cancel_callback(lambda _frame: self._control_lost("cancelled"))
+            channel.basic_consume(
+                queue=queue,
+                on_message_callback=lambda _ch, method, props, body: self._command(
+                    generation, method, props, body
+                ),
+                auto_ack=True,  # a command is answered at once or not at all
+                exclusive=True,
+            )
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            logger.error(
+                "control queue in use by another consumer: another worker may have our "
+                "agent_id (set CHIFFON_AGENT_ID per worker), or the broker has not yet "
+                "noticed our previous connection closing; retrying",
+                extra={"queue": queue, "reason": exc.reply_text, "retry_in_s": CONTROL_RETRY_S},
+            )
+            self._control_retry_at = time.monotonic() + CONTROL_RETRY_S
+            return
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            raise ConnectionLost(f"control channel: {exc!r}") from None
+        self._control_channel = channel
+
+    def _control_lost(self, why: str) -> None:
+        logger.warning("control consumer lost, consuming again", extra={"reason": why})
+        self._control_channel = None
+        self._control_retry_at = time.monotonic() + 1.0
+
+    def _command(
+        self, generation: int, method: Basic.Deliver, props: BasicProperties, body: bytes
+    ) -> None:
+        if generation != self._generation or self._on_control is None:
+            return
+        tag = DeliveryTag(generation, method.delivery_tag)
+        self._on_control(Delivery(tag, body, props.reply_to, props.correlation_id))
+
+    def _take_undispatched_commands(self, channel: BlockingChannel) -> None:
+        """Commands pika read but cannot dispatch while work runs inside its callback.
+
+        pika dispatches nothing on a connection while one of its callbacks
+        runs (the connection thread's long inline work), so the rescue thread
+        takes the control channel's deliveries from pika's queue itself: a
+        ping is answered within a second even then. The work channel's
+        events stay where they are, for the connection thread.
+        """
+        pending = channel._pending_events
+        generation = self._generation
+        while pending:
+            event = pending.popleft()
+            method = getattr(event, "method", None)
+            if isinstance(method, Basic.Deliver):
+                self._command(generation, method, event.properties, event.body)
+            else:  # the broker cancelled the consumer (the queue went away)
+                self._control_lost("cancelled")
 
     def _deliver(
         self, generation: int, method: Basic.Deliver, props: BasicProperties, body: bytes
@@ -515,6 +593,12 @@ class BrokerLink:
                 raise
             # Long inline work ran inside this call while the rescue thread
             # replaced the connection: the old one's end is old news.
+            return
+        control = self._control_channel
+        if control is not None and control._pending_events:
+            self._take_undispatched_commands(control)
+        elif self._control_retry_at is not None and time.monotonic() >= self._control_retry_at:
+            self._start_control()
 
     def call_threadsafe(self, callback: Callable[[], None]) -> bool:
         """Run `callback` on the connection's thread soon; False if not connected."""

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from cachetools import TTLCache
+
 from chiffon_worker.amqp import Delivery, DeliveryTag, Outgoing
 from chiffon_worker.config import Settings
 from chiffon_worker.errors import InvalidMessage
@@ -116,6 +118,14 @@ class RequestConsumer:
         # for the result anyway), and no time limit: only a work thread can be
         # abandoned when work overruns.
         self._run_inline = run_inline if self._slots == 1 and not self._late_ack else None
+        self._inline_task: Task | None = None
+        self._paused = False
+        # Cancels of tasks not (yet) here, by task_id or request_id (UUIDs do
+        # not collide), for as long as a retry is recognised.
+        self._cancels: TTLCache[uuid.UUID, str] = TTLCache(
+            settings.idempotency_size, settings.idempotency_ttl
+        )
+        self._finished_task_ids: deque[uuid.UUID] = deque(maxlen=settings.idempotency_size)
 
     # -- state other threads may read ----------------------------------------
 
@@ -132,8 +142,7 @@ class RequestConsumer:
         """Fresh channel: send what waited, then consume if we have room."""
         self._outbox.reconnected()
         self.flush_outbox()
-        if self._taking and len(self._running) < self._slots:
-            self._link.start_consuming()
+        self._consume_if_room()
 
     def on_connection_lost(self) -> None:
         # Held deliveries were never acked: the broker requeues them itself.
@@ -152,7 +161,7 @@ class RequestConsumer:
 
     def on_delivery(self, delivery: Delivery) -> None:
         self._stats.received()
-        if not self._taking:
+        if not self._taking or self._paused:
             self._link.reject(delivery.tag, requeue=True)
         elif len(self._running) >= self._slots:
             self._hold(delivery)
@@ -189,7 +198,17 @@ class RequestConsumer:
                 self._link.cancel_timer(self._hold_timer)
                 self._hold_timer = None
             self._accept(self._held.popleft())
-        elif self._taking and self._link.is_open and not self._link.consuming:
+        else:
+            self._consume_if_room()
+
+    def _consume_if_room(self) -> None:
+        if (
+            self._taking
+            and not self._paused
+            and len(self._running) < self._slots
+            and self._link.is_open
+            and not self._link.consuming
+        ):
             self._link.start_consuming()
 
     # -- validating and dispatching ------------------------------------------
@@ -241,7 +260,7 @@ class RequestConsumer:
             self._stats.duplicate()
             logger.info("duplicate request while the first is running: will answer both")
             self._running[task.request_id].duplicates.append((delivery, envelope))
-        else:
+        elif not (self._cancels and self._cancelled_on_arrival(task)):
             self._start(task)
 
     def _start(self, task: Task) -> None:
@@ -257,6 +276,7 @@ class RequestConsumer:
             # arrives meanwhile is dispatched straight after this one returns,
             # in the same pass through pika (half the cost of going round the
             # loop). The service calls finish_inline when the work is done.
+            self._inline_task = task
             self._run_inline(task)
             return
         self._threads.submit(task)
@@ -265,8 +285,10 @@ class RequestConsumer:
 
     def finish_inline(self, task: Task) -> None:
         """After the service ran an inline task (its result is set)."""
-        if task.abandoned:
+        self._inline_task = None
+        if task.abandoned:  # answered already (cancelled): only its slot is left
             self._drop_late_result(task)
+            self._free_slot(task)
             return
         self._complete(task)
 
@@ -291,16 +313,24 @@ class RequestConsumer:
             )
 
     def _complete(self, task: Task) -> None:
+        self._answer(task)
+        self._free_slot(task)
+
+    def _answer(self, task: Task) -> None:
+        """Send (and cache) the task's result; its slot may stay taken (_free_slot)."""
         assert task.result is not None
         if task.progress:
             self.send_progress(task)  # reports made before the result go out before it
-        self._running.pop(task.request_id, None)
-        self._stats.in_flight(len(self._running))
         self._stats.finished(task.result.status, task.result.duration_ms / 1000)
+        self._finished_task_ids.append(task.request.task_id)
         # Recorded before publishing: a publish may raise ConnectionLost, and a
         # request left "in flight" would swallow its retries.
         self._cache.complete(task.request_id, self._answer_all(task, task.result))
         self.flush_outbox()
+
+    def _free_slot(self, task: Task) -> None:
+        self._running.pop(task.request_id, None)
+        self._stats.in_flight(len(self._running))
         self._slot_freed()
 
     def _answer_all(self, task: Task, result: WorkResult) -> Answered:
@@ -334,31 +364,114 @@ class RequestConsumer:
         """Tell every running task it must end early (work sees it as `cancelled`)."""
         for task in list(self._running.values()):
             if task.cancel_reason is None:
-                task.cancel_reason = reason
+                task.mark_cancelled(reason)
 
     def check_deadlines(self, now: float) -> None:
         """Fail tasks that outlived max_duration_seconds; their thread is replaced."""
         for task in list(self._running.values()):
             if task.deadline is None or now < task.deadline or task.abandoned:
                 continue
-            task.abandoned = True
             limit = task.deadline - task.started
-            task.cancel_reason = f"time limit of {limit:g} s exceeded"
             with task.log_context():
                 logger.error(
                     "work exceeded its time limit: failing it, its thread is left behind",
                     extra={"max_duration_seconds": limit, "error_code": ERROR_TIMEOUT},
                 )
-            task.result = WorkResult.failed(
-                task.request,
-                f"error {ERROR_TIMEOUT}: timeout, work ran longer than {limit:g} s",
-                duration_ms=int(limit * 1000),
-                agent_id=self._agent_id,
-                trace_id=task.envelope.trace_id,
-                request_id=task.envelope.request_id,
+            failed = WorkResult.failed(
+                task.request, f"error {ERROR_TIMEOUT}: timeout, work ran longer than {limit:g} s"
             )
-            self._threads.add_thread()
-            self._complete(task)
+            self._answer_early(task, failed, f"time limit of {limit:g} s exceeded")
+
+    def _answer_early(self, task: Task, result: WorkResult, reason: str) -> None:
+        """Answer a running task now (time limit, cancel); its work is told and left behind.
+
+        A work thread is replaced, so the slot serves the next request at
+        once. Inline work runs on the connection thread itself: its slot
+        stays taken until it returns (finish_inline), so no request waits
+        behind it unseen.
+        """
+        task.abandoned = True
+        task.mark_cancelled(reason)
+        task.result = result.model_copy(
+            update={
+                "duration_ms": int((time.monotonic() - task.started) * 1000),
+                "agent_id": self._agent_id,
+                "trace_id": task.envelope.trace_id,
+                "request_id": task.envelope.request_id,
+            }
+        )
+        if self._inline_task is task:
+            self._answer(task)
+            return
+        self._threads.add_thread()
+        self._complete(task)
+
+    # -- control commands (baton holder) -----------------------------------------
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def pause(self) -> bool:
+        """Take no new requests (the running ones go on); False if already paused."""
+        if self._paused:
+            return False
+        self._paused = True
+        if self._link.is_open:
+            self._link.stop_consuming()
+            self._return_held()
+        return True
+
+    def resume(self) -> bool:
+        """Take requests again; False if not paused."""
+        if not self._paused:
+            return False
+        self._paused = False
+        self._consume_if_room()
+        return True
+
+    def cancel(
+        self, task_id: uuid.UUID | None, request_id: uuid.UUID | None, reason: str
+    ) -> tuple[str, str]:
+        """Cancel a task by either id; returns (outcome, detail) for the answer."""
+        for task in list(self._running.values()):
+            if task.request.task_id == task_id or task.envelope.request_id == request_id:
+                if task.abandoned:
+                    return "already_finished", "it was answered already (its time limit passed)"
+                with task.log_context():
+                    logger.warning("task cancelled while running", extra={"reason": reason})
+                self._stats.cancelled()
+                self._answer_early(task, WorkResult.cancelled(task.request, reason), reason)
+                return "cancelled", "it was running here: answered cancelled, its work told to stop"
+        if (request_id is not None and self._cache.finished(str(request_id))) or (
+            task_id is not None and task_id in self._finished_task_ids
+        ):
+            return "already_finished", "it finished here before the cancel: nothing changed"
+        for key in (task_id, request_id):
+            if key is not None:
+                self._cancels[key] = reason
+        return "remembered", "not running here: it will be answered cancelled if it arrives"
+
+    def _cancelled_on_arrival(self, task: Task) -> bool:
+        """A request cancelled before it came: answered cancelled, never run."""
+        reason = self._cancels.get(task.request.task_id) or self._cancels.get(
+            task.envelope.request_id
+        )
+        if reason is None:
+            return False
+        logger.info("request cancelled before it arrived: not run", extra={"reason": reason})
+        self._stats.cancelled()
+        self._running[task.request_id] = task
+        task.mark_cancelled(reason)
+        task.result = WorkResult.cancelled(
+            task.request,
+            reason,
+            agent_id=self._agent_id,
+            trace_id=task.envelope.trace_id,
+            request_id=task.envelope.request_id,
+        )
+        self._complete(task)
+        return True
 
     # -- answers --------------------------------------------------------------
 

@@ -24,6 +24,7 @@ class Cancellable(Protocol):
 
     @property
     def cancel_reason(self) -> str | None: ...
+    def wait_cancelled(self, timeout: float) -> bool: ...
 
 
 RecordT = TypeVar("RecordT", bound=Cancellable)
@@ -67,6 +68,10 @@ class TaskContext:
     @property
     def cancel_reason(self) -> str | None:
         return self._record.cancel_reason
+
+    def sleep(self, seconds: float) -> bool:
+        """Wait `seconds`, or less if the task is cancelled; True when it was cancelled."""
+        return self._record.wait_cancelled(seconds)
 
     @property
     def stopping(self) -> bool:

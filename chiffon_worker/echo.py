@@ -6,6 +6,7 @@ import json
 import threading
 from typing import Any
 
+from chiffon_worker.context import current_task
 from chiffon_worker.protocol import WorkRequest, WorkResult
 from chiffon_worker.worker import WorkerBase
 
@@ -21,8 +22,11 @@ class EchoWorker(WorkerBase):
             return WorkResult.completed(request, output=self._echo(request))
         if request.work_type == "slow_echo":
             seconds = float(request.parameters.get("seconds", 5))
-            # An Event wait, not time.sleep: same wait, and it reads as one.
-            threading.Event().wait(seconds)
+            task = current_task()
+            if task is None:  # called directly, outside the runtime
+                threading.Event().wait(seconds)
+            elif task.sleep(seconds):  # cancelled: the runtime has answered it already
+                return WorkResult.cancelled(request, task.cancel_reason or "cancelled")
             return WorkResult.completed(request, output=self._echo(request))
         if request.work_type == "fail":
             raise RuntimeError(str(request.parameters.get("message", "asked to fail")))

@@ -64,11 +64,13 @@ class StatusBuilder:
         agent_type: str,
         reply_queue: str,
         running: Callable[[], list[str]],
+        paused: Callable[[], bool] = lambda: False,
     ) -> None:
         self._agent_id = agent_id
         self._agent_type = agent_type
         self._reply_queue = reply_queue
         self._running = running
+        self._paused = paused
         self._metrics: HostMetrics | None = None
 
     def start(self) -> None:
@@ -79,10 +81,11 @@ class StatusBuilder:
         if self._metrics is not None:
             self._metrics.close()
 
-    def build(self, status: str | None = None) -> Outgoing:
+    def update(self, status: str | None = None) -> StatusUpdate:
+        """This worker's StatusUpdate now (`status` overrides online/busy)."""
         running = self._running()
         resources = self._metrics.sample() if self._metrics is not None else {}
-        update = StatusUpdate.model_validate(
+        return StatusUpdate.model_validate(
             {
                 "agent_id": self._agent_id,
                 "agent_type": self._agent_type,
@@ -91,6 +94,10 @@ class StatusBuilder:
                 "resources": resources,
             }
         )
+
+    def build(self, status: str | None = None) -> Outgoing:
+        """A heartbeat message; a paused worker says so in x_custom_fields."""
+        update = self.update(status)
         # A heartbeat answers no request: it starts its own trace.
         beat_id = uuid.uuid4()
         body = encode_message(
@@ -100,5 +107,6 @@ class StatusBuilder:
             trace_id=beat_id,
             request_id=beat_id,
             priority=HEARTBEAT_PRIORITY,
+            x_custom_fields={"x_paused": self._paused()},
         ).body
         return Outgoing(routing_key=self._reply_queue, body=body, priority=HEARTBEAT_PRIORITY)

@@ -65,6 +65,11 @@ class IdempotencyCache(Generic[ResultT]):
             self._in_flight.discard(request_id)
             self._done[request_id] = result
 
+    def finished(self, request_id: str) -> bool:
+        """True if request_id finished within the window (looks only, claims nothing)."""
+        with self._lock:
+            return request_id in self._done
+
     def abandon(self, request_id: str) -> None:
         """Forget an in-flight claim whose work never produced a result."""
         with self._lock:

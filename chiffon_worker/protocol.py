@@ -135,6 +135,17 @@ class WorkResult(_Model):
         )
 
     @classmethod
+    def cancelled(cls, request: WorkRequest, reason: str, **fields: Any) -> WorkResult:
+        """Ended early on request; exit_code 1 (not a success), the reason in error_message."""
+        return cls(
+            task_id=request.task_id,
+            status="cancelled",
+            exit_code=1,
+            error_message=f"cancelled: {reason}",
+            **fields,
+        )
+
+    @classmethod
     def failed(
         cls, request: WorkRequest, error_message: str, exit_code: int = 1, **fields: Any
     ) -> WorkResult:
@@ -235,6 +246,7 @@ def encode_message(
     trace_id: uuid.UUID | str,
     request_id: uuid.UUID | str,
     priority: int = 3,
+    x_custom_fields: dict[str, Any] | None = None,
 ) -> Encoded:
     """The bytes of `encode(make_envelope(...))`, for the worker's hot path.
 
@@ -254,7 +266,7 @@ def encode_message(
             "request_id": request_id,
             "type": _TYPE_OF_PAYLOAD[type(payload)],
             "priority": priority,
-            "x_custom_fields": {},
+            "x_custom_fields": x_custom_fields or {},
         }
     )
     # `head` is one JSON object: the payload goes in before its closing brace.

@@ -34,6 +34,7 @@ from chiffon_worker.amqp import BrokerLink, Delivery, Outgoing, PublishState
 from chiffon_worker.config import Settings, load_settings, unknown_variables
 from chiffon_worker.consumer import HOLD_GRACE_SECONDS, RequestConsumer
 from chiffon_worker.context import forget_stop_flag, register_stop_flag
+from chiffon_worker.control import ControlDesk
 from chiffon_worker.errors import (
     EXIT_FAILED,
     EXIT_OK,
@@ -52,7 +53,7 @@ from chiffon_worker.runner import TaskRunner, declared_work_types
 from chiffon_worker.sdnotify import SystemdNotifier, Watchdog
 from chiffon_worker.stats import make_stats
 from chiffon_worker.tasks import Task
-from chiffon_worker.topology import chiffon_topology
+from chiffon_worker.topology import chiffon_topology, control_queue_name
 from chiffon_worker.worker import WorkerBase
 
 logger = logging.getLogger(__name__)
@@ -90,13 +91,16 @@ class WorkerService:
         settings = self.settings
         self._link = BrokerLink(
             settings.broker_urls(),
-            chiffon_topology(settings.work_queue, settings.reply_queue),
+            chiffon_topology(
+                settings.work_queue, settings.reply_queue, control_queue_name(self.agent_id)
+            ),
             prefetch=settings.prefetch,
             heartbeat=settings.amqp_heartbeat,
             blocked_timeout=settings.blocked_connection_timeout,
             on_delivery=self._on_delivery,
             on_consumer_cancelled=self._on_consumer_cancelled,
             on_confirmed=self._on_confirmed,
+            on_control=self._on_command,
             tls=settings.tls_files(),
         )
         self._mailbox = Mailbox(self._link.call_threadsafe)
@@ -113,11 +117,22 @@ class WorkerService:
             run_inline=self._run_inline,
         )
         self._run_task = runner
+        consumer = self._consumer
         self._status = StatusBuilder(
             self.agent_id,
             settings.agent_type,
             settings.reply_queue,
-            self._consumer.current_task_ids,
+            consumer.current_task_ids,
+            lambda: consumer.paused,
+        )
+        self._control = ControlDesk(
+            consumer,
+            self._status,
+            consumer.publish_now,
+            agent_type=settings.agent_type,
+            agent_id=self.agent_id,
+            work_types=work_types,
+            stats=self._stats,
         )
         self._keeper = LinkKeeper(
             self._link,
@@ -295,6 +310,9 @@ class WorkerService:
 
     def _on_delivery(self, delivery: Delivery) -> None:
         self._consumer.on_delivery(delivery)
+
+    def _on_command(self, delivery: Delivery) -> None:
+        self._control.on_command(delivery)
 
     def _on_consumer_cancelled(self) -> None:
         self._consumer_cancelled = True

@@ -74,6 +74,12 @@ class Stats:
     def heartbeat_sent(self, unix_time: float) -> None:
         """A StatusUpdate was published."""
 
+    def command(self, name: str) -> None:
+        """A control command (ping, pause, resume, cancel, or "ignored") was received."""
+
+    def cancelled(self) -> None:
+        """A task was cancelled (running, or on arrival)."""
+
     def close(self) -> None:
         """Stop serving metrics, if anything serves them; safe to call twice."""
 
@@ -137,6 +143,13 @@ class PrometheusStats(Stats):
             "Unix time of the last heartbeat (StatusUpdate) published.",
             registry=registry,
         )
+        self._commands: Counter = client.Counter(
+            PREFIX + "control_commands",
+            "Control commands received, by command (ignored: expired, malformed, not ours).",
+            ["command"],
+            registry=registry,
+        )
+        self._cancelled = counter("tasks_cancelled", "Tasks cancelled, running or on arrival.")
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -205,6 +218,12 @@ class PrometheusStats(Stats):
 
     def heartbeat_sent(self, unix_time: float) -> None:
         self._heartbeat.set(unix_time)
+
+    def command(self, name: str) -> None:
+        self._commands.labels(command=name).inc()
+
+    def cancelled(self) -> None:
+        self._cancelled.inc()
 
 
 def make_stats(port: int | None, host: str = "127.0.0.1") -> Stats:

@@ -54,6 +54,7 @@ class Task:
     # Progress reports the work made, waiting for the connection's holder:
     # appended by the thread running the work, drained only by the holder.
     progress: deque[WorkStatus] | None = None
+    _cancelled: threading.Event | None = field(default=None, init=False)
     request_id: str = field(init=False)
     log_ids: dict[str, object] = field(init=False)
     _handoff: _Handoff | None = field(default=None, init=False)
@@ -66,6 +67,26 @@ class Task:
             "request_id": self.request_id,
             "task_id": self.request.task_id,
         }
+
+    def mark_cancelled(self, reason: str) -> None:
+        """The connection's holder: the task must end early (its work may be waiting)."""
+        self.cancel_reason = reason
+        event = self._cancelled
+        if event is not None:
+            event.set()
+
+    def wait_cancelled(self, timeout: float) -> bool:
+        """The work's thread: wait up to `timeout`; True (early) once the task is cancelled."""
+        event = self._cancelled
+        if event is None:
+            with _EVENT_MADE:
+                event = self._cancelled
+                if event is None:
+                    event = self._cancelled = threading.Event()
+        # Checked after the Event exists: a cancel before it was made is seen here.
+        if self.cancel_reason is not None:
+            return True
+        return event.wait(timeout)
 
     def expect_handoff(self) -> None:
         """Before a work thread takes it: from now on its result may come by either door."""
@@ -100,6 +121,9 @@ class Task:
 
 
 Runner = Callable[[Task], WorkResult]
+
+# Guards the making of a task's cancel Event (rare: only work that waits on it).
+_EVENT_MADE = threading.Lock()
 
 
 class WorkThreads:

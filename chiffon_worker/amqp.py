@@ -21,6 +21,7 @@ import logging
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -33,7 +34,7 @@ from pika.spec import Basic, BasicProperties
 
 from chiffon_worker.config import TlsFiles, redact_url
 from chiffon_worker.errors import BrokerAuthError, BrokerUnavailable, ConnectionLost, PublishFailed
-from chiffon_worker.topology import Topology
+from chiffon_worker.topology import BROADCAST_EXCHANGE, Topology
 
 logger = logging.getLogger(__name__)
 
@@ -670,29 +671,45 @@ def _close_quietly(connection: BlockingConnection) -> None:
             connection.close()
 
 
+class Reply(NamedTuple):
+    body: bytes
+    correlation_id: str | None
+
+
 class RequestClient:
-    """A small publisher/waiter for the `send` command and tests: not the worker."""
+    """A small publisher/waiter for the `send` and `ctl` commands and tests: not the worker.
+
+    Runs on its caller's thread only (one BlockingConnection, no I/O thread).
+    """
 
     def __init__(
         self, url: str, topology: Topology, heartbeat: int = 30, tls: TlsFiles | None = None
     ) -> None:
         self._connection = open_connection(url, heartbeat, blocked_timeout=30.0, tls=tls)
-        self._channel = self._connection.channel()
-        self._channel.confirm_delivery()
-        declare(self._channel, topology)
+        try:
+            with _translated("opening channel"):
+                self._channel = self._connection.channel()
+                self._channel.confirm_delivery()
+                declare(self._channel, topology)
+        except ConnectionLost:
+            _close_quietly(self._connection)
+            raise
         self._topology = topology
         self._reply_queue: str | None = None
-        self._replies: list[bytes] = []
+        self._replies: deque[Reply] = deque()
 
     def open_reply_queue(self) -> str:
         """An exclusive server-named queue that the worker answers to via reply_to."""
-        result = self._channel.queue_declare(queue="", exclusive=True, auto_delete=True)
-        self._reply_queue = str(result.method.queue)
-        self._channel.basic_consume(
-            queue=self._reply_queue,
-            on_message_callback=lambda _ch, _m, _p, body: self._replies.append(body),
-            auto_ack=True,
-        )
+        with _translated("declaring the reply queue"):
+            result = self._channel.queue_declare(queue="", exclusive=True, auto_delete=True)
+            self._reply_queue = str(result.method.queue)
+            self._channel.basic_consume(
+                queue=self._reply_queue,
+                on_message_callback=lambda _ch, _m, props, body: self._replies.append(
+                    Reply(body, props.correlation_id)
+                ),
+                auto_ack=True,
+            )
         return self._reply_queue
 
     def send(self, body: bytes, priority: int, correlation_id: str) -> None:
@@ -705,13 +722,31 @@ class RequestClient:
         )
         _publish(self._channel, message, reply_to=self._reply_queue)
 
-    def next_reply(self, timeout: float) -> bytes | None:
+    def broadcast(self, body: bytes, correlation_id: str, expiration_ms: int) -> None:
+        """To broadcast_exchange (every worker's control queue): transient, expiring.
+
+        Not mandatory: a fanout with no control queue bound is no error here;
+        the sender learns it from the answers that do not come.
+        """
+        properties = BasicProperties(
+            content_type=CONTENT_TYPE,
+            delivery_mode=TRANSIENT,
+            correlation_id=correlation_id,
+            reply_to=self._reply_queue,
+            expiration=str(expiration_ms),
+        )
+        with _PUBLISHING:
+            self._channel.basic_publish(
+                exchange=BROADCAST_EXCHANGE, routing_key="", body=body, properties=properties
+            )
+
+    def next_reply(self, timeout: float) -> Reply | None:
         """The next message on our reply queue, or None after `timeout` seconds."""
         deadline = time.monotonic() + timeout
         with _translated("waiting for a reply"):
             while not self._replies and (left := deadline - time.monotonic()) > 0:
                 self._connection.process_data_events(time_limit=left)
-        return self._replies.pop(0) if self._replies else None
+        return self._replies.popleft() if self._replies else None
 
     def close(self) -> None:
         _close_quietly(self._connection)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cachetools import TTLCache
+from pydantic_core import PydanticSerializationError
 
 from chiffon_worker.amqp import Delivery, DeliveryTag, Outgoing
 from chiffon_worker.config import Settings
@@ -49,6 +50,9 @@ FAST_PATH_SECONDS = 0.05
 # the running task is about to finish; after that it goes back to the queue
 # for an idle worker.
 HOLD_GRACE_SECONDS = 1.0
+# What serialising a payload the work filled in may raise (a lone surrogate in
+# a string, an object JSON cannot hold).
+ENCODING_ERRORS = (ValueError, UnicodeError, PydanticSerializationError)
 
 
 class Link(Protocol):
@@ -539,26 +543,44 @@ class RequestConsumer:
         # A duplicate's answer carries its own trace_id, not the first one's.
         if result.trace_id != envelope.trace_id:
             result = result.model_copy(update={"trace_id": envelope.trace_id})
-        body, payload_json = self._encode(result, envelope, envelope.priority)
+        try:
+            body, payload_json = self._encode(result, envelope, envelope.priority)
+        except ENCODING_ERRORS as exc:
+            # A lone surrogate in output, an object in analysis_result: the
+            # work's own data, so it costs the answer's content, not the worker.
+            logger.error("result cannot be encoded: sending a failure instead", exc_info=True)
+            body, payload_json = self._failure_instead(
+                result, envelope, f"result could not be encoded as JSON: {type(exc).__name__}"
+            )
         limit = self._settings.max_result_bytes
         if len(body) > limit:
             # The broker would refuse it (message size) and close our channel:
             # say what happened instead of losing the answer.
             size = len(body)
             logger.error("result too large: sending a failure instead", extra={"bytes": size})
-            too_big = result.model_copy(
-                update={
-                    "status": "failed",
-                    "exit_code": 1,
-                    "output": "",
-                    "analysis_result": None,
-                    "error_message": f"result of {size} bytes exceeds the {limit}-byte "
-                    "limit (CHIFFON_MAX_RESULT_BYTES)",
-                }
+            body, payload_json = self._failure_instead(
+                result,
+                envelope,
+                f"result of {size} bytes exceeds the {limit}-byte limit (CHIFFON_MAX_RESULT_BYTES)",
             )
-            body, payload_json = self._encode(too_big, envelope, envelope.priority)
         self._outbox.add(self._outgoing(delivery, body, envelope.priority), acks)
         return payload_json
+
+    def _failure_instead(
+        self, result: WorkResult, envelope: Envelope, why: str
+    ) -> tuple[bytes, bytes]:
+        """The bytes of a `failed` answer saying why `result` itself cannot be sent."""
+        failed = result.model_copy(
+            update={
+                "status": "failed",
+                "exit_code": 1,
+                "output": "",
+                "analysis_result": None,
+                "resources_used": {},
+                "error_message": why,
+            }
+        )
+        return self._encode(failed, envelope, envelope.priority)
 
     def _dead_letter(self, delivery: Delivery, problem: InvalidMessage) -> None:
         with message_context(**problem.ids):
@@ -608,11 +630,24 @@ class RequestConsumer:
             waiting.clear()  # answered already: a report now would follow its result
             return
         envelope = task.envelope
+        limit = self._settings.max_result_bytes
         while waiting:
             status = waiting.popleft()
-            self._outbox.add_progress(
-                self._message(status, task.delivery, envelope, envelope.priority)
-            )
+            try:
+                message = self._message(status, task.delivery, envelope, envelope.priority)
+            except ENCODING_ERRORS as exc:
+                logger.error(
+                    "progress report cannot be encoded: dropped", extra={"reason": repr(exc)}
+                )
+                continue
+            if len(message.body) > limit:
+                # The broker would close our channel for it, at every reconnect.
+                logger.error(
+                    "progress report too large: dropped",
+                    extra={"bytes": len(message.body), "limit": limit},
+                )
+                continue
+            self._outbox.add_progress(message)
 
     def flush_outbox(self) -> None:
         self._outbox.flush()

@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 BACKOFF_FIRST_SECONDS = 0.5
 # The default of CHIFFON_RECONNECT_MAX_DELAY: back within seconds of the broker.
 BACKOFF_CAP_SECONDS = 4.0
+# A connection that stayed up this long was healthy: its loss is retried at once.
+STABLE_SECONDS = 10.0
 
 
 class Backoff:
@@ -61,6 +63,7 @@ class LinkKeeper:
         self._backoff = Backoff(cap=max_delay)
         self._next_attempt = 0.0
         self._down_since = time.monotonic()
+        self._up_since = self._down_since
         self._connections = 0
         self.up = False
         # Set when the broker refused us (credentials, vhost, TLS): no retry helps.
@@ -91,8 +94,15 @@ class LinkKeeper:
         if not self.up:
             return
         self.up = False
-        self._down_since = time.monotonic()
-        self._next_attempt = self._down_since
+        now = time.monotonic()
+        self._down_since = now
+        if now - self._up_since >= STABLE_SECONDS:
+            self._backoff.reset()
+            self._next_attempt = now  # a connection that served a while: retry at once
+        else:
+            # Lost soon after it came up (a message the broker refuses, a node
+            # that accepts then drops us): back off, never a tight loop.
+            self._next_attempt = now + self._backoff.next_delay()
         logger.warning("connection lost", extra={"reason": reason})
         _explain_loss(reason)
         self._notifier.status(f"reconnecting: {reason}")
@@ -122,8 +132,8 @@ class LinkKeeper:
                 },
             )
             return
-        self._backoff.reset()
         self.up = True
+        self._up_since = time.monotonic()
         self._connections += 1
         extra: dict[str, object] = {"url": self._link.current_url}
         if self._connections > 1:

@@ -94,6 +94,13 @@ class Envelope(_Model):
         return value
 
 
+# The hints PROTOCOL.md names, and the largest value a worker accepts for each.
+KNOWN_HINT_LIMITS: dict[str, float] = {
+    "max_duration_seconds": 7 * 24 * 3600.0,
+    "max_memory_mb": 16 * 1024 * 1024.0,
+}
+
+
 class WorkRequest(_Model):
     """Payload of `work_request`: what the orchestrator wants done."""
 
@@ -101,6 +108,26 @@ class WorkRequest(_Model):
     work_type: str = Field(min_length=1)
     parameters: dict[str, Any] = Field(default_factory=dict)
     hints: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("hints")
+    @classmethod
+    def _known_hints_are_sane(cls, hints: dict[str, Any]) -> dict[str, Any]:
+        """The hints the protocol names must be positive, finite numbers in range.
+
+        Orchestrator input like any other field: `true` is not one second, and
+        10**400 must not reach float() (OverflowError) deep in the worker.
+        """
+        for name, ceiling in KNOWN_HINT_LIMITS.items():
+            value = hints.get(name)
+            if value is None:
+                continue
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not 0 < value <= ceiling  # also false for NaN
+            ):
+                raise ValueError(f"hints.{name} must be a number above 0 and at most {ceiling:g}")
+        return hints
 
 
 class WorkResult(_Model):

@@ -265,9 +265,12 @@ class WorkerService:
             self._rescuer.run_inline(lambda: self._work_on(task))
         finally:
             self._inline = None
-        self._consumer.finish_inline(task)
-        if not task.abandoned:
-            _log_finished(task)
+        try:
+            self._consumer.finish_inline(task)
+        finally:
+            # Also when publishing its result found the connection gone.
+            if not task.abandoned:
+                _log_finished(task)
 
     def _return_waiting_deliveries(self) -> None:
         """Rescue thread, once inline work has run past the hold grace."""

@@ -54,6 +54,9 @@ class Topology:
     control_queue: str | None = None
 
 
+_BROADCAST = ExchangeSpec(BROADCAST_EXCHANGE, "fanout", durable=False)
+
+
 def control_queue_name(agent_id: object) -> str:
     return f"{CONTROL_QUEUE_PREFIX}{agent_id}"
 
@@ -73,10 +76,7 @@ def chiffon_topology(
     # routes them to dlx_queue if it is bound with each source queue's name.
     dlx_keys = dict.fromkeys(["", DEFAULT_WORK_QUEUE, DEFAULT_REPLY_QUEUE, work_queue, reply_queue])
     topology = Topology(
-        exchanges=(
-            ExchangeSpec(BROADCAST_EXCHANGE, "fanout", durable=False),
-            ExchangeSpec(DLX_EXCHANGE, "direct", durable=True),
-        ),
+        exchanges=(_BROADCAST, ExchangeSpec(DLX_EXCHANGE, "direct", durable=True)),
         queues=(
             QueueSpec(DLX_QUEUE, durable=True, arguments={"x-max-length": 10000}),
             QueueSpec(work_queue, durable=True, arguments={"x-max-priority": 5, **dead_letter}),
@@ -101,4 +101,19 @@ def chiffon_topology(
         queues=(*topology.queues, control),
         bindings=(*topology.bindings, BindingSpec(control_queue, BROADCAST_EXCHANGE, "")),
         control_queue=control_queue,
+    )
+
+
+def broadcast_topology() -> Topology:
+    """What a sender of control commands declares: broadcast_exchange, nothing else.
+
+    It publishes only there, so it leaves the work and reply queues (whose
+    names a deployment may change) to the workers and the orchestrator.
+    """
+    return Topology(
+        exchanges=(_BROADCAST,),
+        queues=(),
+        bindings=(),
+        work_queue=DEFAULT_WORK_QUEUE,
+        reply_queue=DEFAULT_REPLY_QUEUE,
     )

@@ -16,7 +16,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 
@@ -816,3 +816,55 @@ def test_post_while_disconnected_wakes_the_holder_waiting_to_reconnect() -> None
 
     assert woke.wait(WAIT_S), "the holder slept through a post"
     thread.join(WAIT_S)
+
+
+# -- poison the work returns or reports (issue 13) ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "poison",
+    [{"output": "\udcff"}, {"analysis_result": {"handle": object()}}],
+    ids=["lone-surrogate", "object-in-analysis"],
+)
+def test_a_result_json_cannot_hold_is_answered_failed_and_the_next_request_served(
+    make: Callable[..., Harness], poison: dict[str, Any]
+) -> None:
+    class Poisoned(Work):
+        def __call__(self, task: Task) -> WorkResult:
+            result = super().__call__(task)
+            first = len(self.runs) == 1
+            return result.model_copy(update=poison) if first else result
+
+    harness = make(Poisoned())
+    harness.deliver(Sent())
+    harness.run_inline()
+    harness.deliver(Sent())
+    harness.run_inline()
+
+    statuses = [(result.status, result.error_message) for _m, _e, result in harness.results()]
+    assert statuses[0][0] == "failed"
+    assert "could not be encoded" in (statuses[0][1] or "")
+    assert statuses[1] == ("completed", None)
+
+
+def test_oversized_or_unencodable_progress_is_dropped_and_the_result_still_goes_out(
+    make: Callable[..., Harness],
+) -> None:
+    harness = make(max_result_bytes=2048)
+    harness.deliver(Sent())
+    task = harness.take_inline()
+    assert task is not None
+    huge = progress(task, 10).model_copy(update={"step": {"number": 1, "name": "x" * 5000}})
+    broken = progress(task, 20).model_copy(update={"step": {"number": 2, "name": "\udcff"}})
+    fine = progress(task, 30)
+    for status in (huge, broken, fine):
+        harness.report(task, status)
+    harness.baton.run_posted()
+    task.finish(harness.work(task))
+    harness.consumer.finish_inline(task)
+
+    sent_progress = [
+        envelope.payload["progress_percent"] for _m, envelope in harness.messages("work_status")
+    ]
+    assert sent_progress == [30]
+    assert len(harness.results()) == 1

@@ -446,3 +446,40 @@ def test_an_envelope_without_a_required_field_is_invalid(field: str) -> None:
     document = request_document()
     del document[field]
     assert field in invalid_reason(body_of(document)).reason
+
+
+@pytest.mark.parametrize(
+    "hint",
+    [10**400, True, float("nan"), float("inf"), -1, 0, "30", 8 * 24 * 3600],
+    ids=["huge", "true", "nan", "inf", "negative", "zero", "string", "over-a-week"],
+)
+def test_an_insane_time_limit_hint_makes_the_request_invalid(hint: object) -> None:
+    body = json.dumps(
+        {
+            "protocol_version": "1.0",
+            "message_id": str(uuid.uuid4()),
+            "from_agent": "orchestrator",
+            "to_agent": "infra",
+            "timestamp": "2026-12-04T10:00:00Z",
+            "trace_id": str(uuid.uuid4()),
+            "request_id": str(uuid.uuid4()),
+            "type": "work_request",
+            "payload": {
+                "task_id": str(uuid.uuid4()),
+                "work_type": "echo",
+                "hints": {"max_duration_seconds": hint},
+            },
+        },
+        allow_nan=True,
+    ).encode()
+
+    with pytest.raises(InvalidMessage, match="max_duration_seconds"):
+        parse_work_request(body)
+
+
+def test_a_sane_time_limit_hint_and_unknown_hints_are_accepted() -> None:
+    request = WorkRequest(
+        task_id=uuid.uuid4(), work_type="echo", hints={"max_duration_seconds": 2.5, "colour": 1}
+    )
+
+    assert request.hints == {"max_duration_seconds": 2.5, "colour": 1}

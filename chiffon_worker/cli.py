@@ -10,11 +10,20 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
+
+from pydantic import ValidationError
 
 from chiffon_worker import __version__
 from chiffon_worker.amqp import RequestClient
 from chiffon_worker.config import load_settings, url_password
+from chiffon_worker.ctl import (
+    DEFAULT_TIMEOUT_S,
+    ControlClient,
+    WorkerAnswer,
+    outcome_table,
+    status_table,
+)
 from chiffon_worker.errors import (
     EXIT_FAILED,
     EXIT_OK,
@@ -28,6 +37,7 @@ from chiffon_worker.protocol import (
     AGENT_TYPES,
     WorkRequest,
     WorkResult,
+    WorkStatus,
     encode,
     make_envelope,
     parse_envelope,
@@ -95,6 +105,44 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--wait", action="store_true", help="wait for the result and print it")
     send.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default 30)")
     send.add_argument("--work-queue", dest="work_queue", help="default work_queue")
+
+    ctl = commands.add_parser("ctl", help="ping, pause, resume or cancel live workers")
+    actions = ctl.add_subparsers(dest="action", required=True, metavar="ACTION")
+    _add_control(actions, "ping", "list the live workers")
+    _add_control(actions, "pause", "stop workers taking requests (running work goes on)")
+    _add_control(actions, "resume", "let paused workers take requests again")
+    cancel = _add_control(actions, "cancel", "cancel a task: running, waiting or still to come")
+    cancel.add_argument("id", type=uuid.UUID, metavar="ID", help="the task_id (or --request-id)")
+    cancel.add_argument("--request-id", action="store_true", help="ID is a request_id")
+    cancel.add_argument("--reason", help="why: it goes into the cancelled result")
+    return parser
+
+
+def _add_control(
+    actions: argparse._SubParsersAction[argparse.ArgumentParser], name: str, text: str
+) -> argparse.ArgumentParser:
+    parser = actions.add_parser(name, help=text, description=text)
+    _add_common(parser)
+    parser.add_argument(
+        "--agent-type",
+        choices=AGENT_TYPES,
+        help="workers of this type (default: CHIFFON_AGENT_TYPE)",
+    )
+    parser.add_argument(
+        "--agent-id",
+        dest="agent_ids",
+        action="append",
+        type=uuid.UUID,
+        metavar="ID",
+        help="only this worker (repeatable; default: every worker of the type)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help=f"seconds to gather answers (default {DEFAULT_TIMEOUT_S:g})",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
     return parser
 
 
@@ -163,35 +211,107 @@ def _send(args: argparse.Namespace) -> int:
         if args.wait:
             client.open_reply_queue()
         client.send(encode(envelope), args.priority, str(envelope.message_id))
-        print(json.dumps({"request_id": str(request_id), "task_id": str(request.task_id)}))
+        ids = json.dumps({"request_id": str(request_id), "task_id": str(request.task_id)})
         if not args.wait:
+            print(ids)
             return EXIT_OK
+        # stdout is the result's alone (`| jq -r .output`); the rest is for a person.
+        print(ids, file=sys.stderr)
         return _wait_for_result(client, request_id, args.timeout)
     finally:
         client.close()
 
 
-def _wait_for_result(client: RequestClient, request_id: uuid.UUID, timeout: float) -> int:
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        body = client.next_reply(left)
-        if body is None:
-            break
+class ProgressLine:
+    """Progress reports on stderr: one live line on a terminal, a line each otherwise."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._live = stream.isatty()
+        self._open = False
+
+    def show(self, payload: dict[str, Any]) -> None:
         try:
-            envelope = parse_envelope(body)
-        except InvalidMessage:
-            continue
-        if envelope.request_id != request_id:
-            continue
-        if envelope.type == "error":
-            print(json.dumps(envelope.payload, indent=2))
-            return EXIT_FAILED
-        if envelope.type == "work_result":
-            result = WorkResult.model_validate(envelope.payload)
-            print(result.model_dump_json(indent=2))
-            return EXIT_OK if result.status == "completed" else EXIT_FAILED
+            status = WorkStatus.model_validate(payload)
+        except ValidationError:
+            return
+        text = f"progress {status.progress_percent:3.0f}%  {status.step.name}"
+        if self._live:
+            self._stream.write("\r\x1b[K" + text)  # back to the start, clear the rest
+            self._open = True
+        else:
+            self._stream.write(text + "\n")
+        self._stream.flush()
+
+    def end(self) -> None:
+        """Finish the live line, so what follows starts on a line of its own."""
+        if self._open:
+            self._stream.write("\n")
+            self._stream.flush()
+            self._open = False
+
+
+def _wait_for_result(client: RequestClient, request_id: uuid.UUID, timeout: float) -> int:
+    progress = ProgressLine(sys.stderr)
+    deadline = time.monotonic() + timeout
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            reply = client.next_reply(left)
+            if reply is None:
+                break
+            try:
+                envelope = parse_envelope(reply.body)
+            except InvalidMessage:
+                continue
+            if envelope.request_id != request_id:
+                continue
+            if envelope.type == "work_status" and "progress_percent" in envelope.payload:
+                progress.show(envelope.payload)
+            elif envelope.type == "error":
+                progress.end()
+                print(json.dumps(envelope.payload, indent=2))
+                return EXIT_FAILED
+            elif envelope.type == "work_result":
+                progress.end()
+                result = WorkResult.model_validate(envelope.payload)
+                print(result.model_dump_json(indent=2))
+                return EXIT_OK if result.status == "completed" else EXIT_FAILED
+    finally:
+        progress.end()
     print(f"chiffon-worker: no result within {timeout:g} s", file=sys.stderr)
     return EXIT_TIMEOUT
+
+
+def _ctl(args: argparse.Namespace) -> int:
+    settings = load_settings(args.env_file, overrides=_overrides(args, ["agent_type"]))
+    setup_logging("WARNING", "text", settings.secrets())
+    url, tls = settings.broker_urls()[0], settings.tls_files()
+    with ControlClient(url, agent_type=settings.agent_type, tls=tls) as control:
+        if args.action == "cancel":
+            ids = {"request_id": args.id} if args.request_id else {"task_id": args.id}
+            answers = control.cancel(
+                **ids, reason=args.reason, agent_ids=args.agent_ids, timeout=args.timeout
+            )
+        else:
+            answers = control.send(args.action, agent_ids=args.agent_ids, timeout=args.timeout)
+    return report_answers(args.action, answers, as_json=args.json, timeout=args.timeout)
+
+
+def report_answers(
+    command: str, answers: Sequence[WorkerAnswer], *, as_json: bool, timeout: float
+) -> int:
+    """Print what the workers answered; 0 when at least one applied the command."""
+    if as_json:
+        print(json.dumps({"command": command, "answers": [a.as_dict() for a in answers]}))
+    elif answers:
+        print(status_table(answers) if command == "ping" else outcome_table(answers))
+    if not answers:
+        print(f"chiffon-worker: no worker answered {command} within {timeout:g} s", file=sys.stderr)
+        return EXIT_FAILED
+    if not any(answer.applied for answer in answers):
+        print(f"chiffon-worker: no worker applied {command}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -199,6 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "ctl":
+            return _ctl(args)
         return _send(args)
     except ConfigError as exc:
         print(f"chiffon-worker: configuration error: {exc}", file=sys.stderr)

@@ -441,7 +441,7 @@ class RequestConsumer:
         for task in list(self._running.values()):
             if task.request.task_id == task_id or task.envelope.request_id == request_id:
                 if task.abandoned:
-                    return "already_finished", "it was answered already (its time limit passed)"
+                    return "already_finished", f"it was answered already ({task.cancel_reason})"
                 with task.log_context():
                     logger.warning("task cancelled while running", extra={"reason": reason})
                 self._stats.cancelled()
@@ -450,7 +450,7 @@ class RequestConsumer:
         if (request_id is not None and self._cache.finished(str(request_id))) or (
             task_id is not None and task_id in self._finished_task_ids
         ):
-            return "already_finished", "it finished here before the cancel: nothing changed"
+            return "already_finished", "it was answered here already: nothing changed"
         for key in (task_id, request_id):
             if key is not None:
                 self._cancels[key] = reason
@@ -660,6 +660,10 @@ class RequestConsumer:
         """Heartbeats: best effort, never queued (the next one supersedes it)."""
         self._link.publish(message)
         self._stats.heartbeat_sent(time.time())
+
+    def publish_best_effort(self, message: Outgoing) -> None:
+        """Answers to control commands: sent once, not kept for a reconnect."""
+        self._link.publish(message)
 
     def pending(self) -> int:
         return self._outbox.pending()

@@ -62,7 +62,7 @@ class TaskContext:
 
     @property
     def cancelled(self) -> bool:
-        """True once the task must end early (its time limit passed, or shutdown gave up)."""
+        """True once the task must end early: cancelled, out of time, or shutdown gave up."""
         return self._record.cancel_reason is not None
 
     @property

@@ -128,7 +128,7 @@ class WorkerService:
         self._control = ControlDesk(
             consumer,
             self._status,
-            consumer.publish_now,
+            consumer.publish_best_effort,
             agent_type=settings.agent_type,
             agent_id=self.agent_id,
             work_types=work_types,

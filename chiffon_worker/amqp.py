@@ -425,7 +425,9 @@ class BrokerLink:
                 on_message_callback=lambda _ch, method, props, body: self._command(
                     generation, method, props, body
                 ),
-                auto_ack=True,  # a command is answered at once or not at all
+                # Acked once handled: a command delivered to a connection that
+                # then stalls goes back to the queue for our next connection.
+                auto_ack=False,
                 exclusive=True,
             )
         except pika.exceptions.ChannelClosedByBroker as exc:
@@ -453,6 +455,10 @@ class BrokerLink:
             return
         tag = DeliveryTag(generation, method.delivery_tag)
         self._on_control(Delivery(tag, body, props.reply_to, props.correlation_id))
+        channel = self._control_channel
+        if channel is not None and channel.is_open and generation == self._generation:
+            with _ACKING:
+                channel.basic_ack(delivery_tag=method.delivery_tag)
 
     def _take_undispatched_commands(self, channel: BlockingChannel) -> None:
         """Commands pika read but cannot dispatch while work runs inside its callback.

@@ -310,8 +310,12 @@ class RequestConsumer:
 
     @staticmethod
     def _drop_late_result(task: Task) -> None:
+        late = task.result
+        # Work that saw the flag and ended as cancelled did the right thing.
+        level = logging.INFO if late is not None and late.status == "cancelled" else logging.WARNING
         with task.log_context():
-            logger.warning(
+            logger.log(
+                level,
                 "work returned after it was answered: its result is dropped",
                 extra={"reason": task.cancel_reason},
             )

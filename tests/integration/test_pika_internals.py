@@ -111,6 +111,34 @@ def test_pika_internals_used_by_amqp_are_still_there(vhost: Vhost) -> None:
         )
         assert body == b"lost"
 
+        # While a callback runs, pika dispatches nothing more: a delivery on
+        # another channel waits in that BlockingChannel's _pending_events,
+        # where the rescue thread takes control commands from.
+        inbox = connection.channel()
+        commands = inbox.queue_declare(queue="", exclusive=True).method.queue
+        inbox.basic_consume(commands, lambda *_args: None, auto_ack=True)
+        waiting: list[Any] = []
+
+        def inside_a_callback(*_args: object) -> None:
+            channel.basic_publish(exchange="", routing_key=commands, body=b"command")
+            deadline = time.monotonic() + 5
+            while not getattr(inbox, "_pending_events", None) and time.monotonic() < deadline:
+                connection.process_data_events(time_limit=0.05)
+            waiting.extend(getattr(inbox, "_pending_events", ()))
+
+        channel.basic_consume(queue, inside_a_callback, auto_ack=True)  # "kept" is there
+        assert serve_until(connection, lambda: bool(waiting)), removed(
+            "BlockingChannel._pending_events (deliveries read while a callback runs)"
+        )
+        event = waiting[0]
+        assert isinstance(getattr(event, "method", None), Basic.Deliver), removed(
+            "BlockingChannel._pending_events items with .method (a Basic.Deliver)"
+        )
+        assert event.body == b"command"
+        assert hasattr(event, "properties"), removed("_ConsumerDeliveryEvt.properties")
+        # Once the callback has returned, pika dispatches what waited.
+        assert serve_until(connection, lambda: not inbox._pending_events)
+
         # Dropping a dead connection uses the door pika's heartbeat checker uses.
         terminate = internal(impl, "_terminate_stream", "Connection._terminate_stream")
         takes(terminate, "Connection._terminate_stream", "error")

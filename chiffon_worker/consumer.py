@@ -320,20 +320,25 @@ class RequestConsumer:
                 extra={"reason": task.cancel_reason},
             )
 
-    def _complete(self, task: Task) -> None:
-        self._answer(task)
+    def _complete(self, task: Task, result: WorkResult | None = None) -> None:
+        self._answer(task, result)
         self._free_slot(task)
 
-    def _answer(self, task: Task) -> None:
-        """Send (and cache) the task's result; its slot may stay taken (_free_slot)."""
-        assert task.result is not None
+    def _answer(self, task: Task, result: WorkResult | None = None) -> None:
+        """Send (and cache) the task's result; its slot may stay taken (_free_slot).
+
+        `result` when the runtime answers for work still running (a time limit,
+        a cancel): its thread may set task.result meanwhile.
+        """
+        result = result or task.result
+        assert result is not None
         if task.progress:
             self.send_progress(task)  # reports made before the result go out before it
-        self._stats.finished(task.result.status, task.result.duration_ms / 1000)
+        self._stats.finished(result.status, result.duration_ms / 1000)
         self._finished_task_ids.append(task.request.task_id)
         # Recorded before publishing: a publish may raise ConnectionLost, and a
         # request left "in flight" would swallow its retries.
-        self._cache.complete(task.request_id, self._answer_all(task, task.result))
+        self._cache.complete(task.request_id, self._answer_all(task, result))
         self.flush_outbox()
 
     def _free_slot(self, task: Task) -> None:
@@ -398,9 +403,7 @@ class RequestConsumer:
         stays taken until it returns (finish_inline), so no request waits
         behind it unseen.
         """
-        task.abandoned = True
-        task.mark_cancelled(reason)
-        task.result = result.model_copy(
+        answer = result.model_copy(
             update={
                 "duration_ms": int((time.monotonic() - task.started) * 1000),
                 "agent_id": self._agent_id,
@@ -408,11 +411,17 @@ class RequestConsumer:
                 "request_id": task.envelope.request_id,
             }
         )
-        if self._inline_task is task:
-            self._answer(task)
-            return
-        self._threads.add_thread()
-        self._complete(task)
+        task.abandoned = True
+        try:
+            if self._inline_task is task:
+                self._answer(task, answer)
+            else:
+                self._threads.add_thread()
+                self._complete(task, answer)
+        finally:
+            # Told last: the work may end at once, and its own result must not
+            # take the place of this answer.
+            task.mark_cancelled(reason)
 
     # -- control commands (baton holder) -----------------------------------------
 

@@ -176,6 +176,27 @@ def _first_ping(notify: NotifyListener, orchestrator: Orchestrator) -> float:
 # -- every execution path survives a cut --------------------------------------------
 
 
+def _long_inline_task(
+    vhost: Vhost,
+    orchestrator: Orchestrator,
+    proxy: TcpProxy,
+    notify: NotifyListener,
+    supervised: Callable[..., WorkerProcess],
+    seconds: float,
+    message: str,
+    *,
+    running_for: float,
+) -> tuple[WorkerProcess, float, dict[str, Any]]:
+    """A supervised worker behind the proxy, a slow_echo running on it for `running_for` s."""
+    worker = supervised(_via(proxy, vhost), heartbeat_interval=1)
+    watched_from = _first_ping(notify, orchestrator)
+    task = work_request("slow_echo", {"seconds": seconds, "message": message})
+    orchestrator.publish(task)
+    orchestrator.wait_until(lambda: bool(_busy_with(orchestrator, task)), 20, "the task to start")
+    _serve_until(orchestrator, time.monotonic() + running_for)
+    return worker, watched_from, task
+
+
 def test_a_cut_during_long_inline_work_keeps_heartbeats_watchdog_and_the_result(
     vhost: Vhost,
     orchestrator: Orchestrator,
@@ -184,12 +205,9 @@ def test_a_cut_during_long_inline_work_keeps_heartbeats_watchdog_and_the_result(
     supervised: Callable[..., WorkerProcess],
 ) -> None:
     # Defaults: prefetch 1, early ack, no time limit: the task runs inline.
-    worker = supervised(_via(proxy, vhost), heartbeat_interval=1)
-    watched_from = _first_ping(notify, orchestrator)
-    task = work_request("slow_echo", {"seconds": 20, "message": "through the cut"})
-    orchestrator.publish(task)
-    orchestrator.wait_until(lambda: bool(_busy_with(orchestrator, task)), 20, "the task to start")
-    _serve_until(orchestrator, time.monotonic() + 4)
+    worker, watched_from, task = _long_inline_task(
+        vhost, orchestrator, proxy, notify, supervised, 20, "through the cut", running_for=4
+    )
     assert proxy.open_connections == 1, "the worker should still be on its first connection"
 
     busy_before = len(_busy_with(orchestrator, task))
@@ -225,12 +243,9 @@ def test_a_minute_long_broker_outage_during_long_work_keeps_the_watchdog_fed(
     notify: NotifyListener,
     supervised: Callable[..., WorkerProcess],
 ) -> None:
-    worker = supervised(_via(proxy, vhost), heartbeat_interval=1)
-    watched_from = _first_ping(notify, orchestrator)
-    task = work_request("slow_echo", {"seconds": 90, "message": "outlived the outage"})
-    orchestrator.publish(task)
-    orchestrator.wait_until(lambda: bool(_busy_with(orchestrator, task)), 20, "the task to start")
-    _serve_until(orchestrator, time.monotonic() + 5)
+    worker, watched_from, task = _long_inline_task(
+        vhost, orchestrator, proxy, notify, supervised, 90, "outlived the outage", running_for=5
+    )
 
     proxy.refuse()  # the broker is gone: new connections are closed at once...
     proxy.cut()  # ...and the current one with them

@@ -264,7 +264,8 @@ class RequestConsumer:
             self._stats.duplicate()
             logger.info("duplicate request while the first is running: will answer both")
             self._running[task.request_id].duplicates.append((delivery, envelope))
-        elif not (self._cancels and self._cancelled_on_arrival(task)):
+        # currsize, not len(): len() would expire the cache for every request.
+        elif not (self._cancels.currsize and self._cancelled_on_arrival(task)):
             self._start(task)
 
     def _start(self, task: Task) -> None:

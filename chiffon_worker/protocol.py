@@ -117,6 +117,8 @@ class WorkRequest(_Model):
         Orchestrator input like any other field: `true` is not one second, and
         10**400 must not reach float() (OverflowError) deep in the worker.
         """
+        if not hints:
+            return hints
         for name, ceiling in KNOWN_HINT_LIMITS.items():
             value = hints.get(name)
             if value is None:

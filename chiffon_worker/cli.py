@@ -164,8 +164,10 @@ def load_worker_class(spec: str) -> type[WorkerBase]:
     try:
         module = importlib.import_module(module_name)
         found = getattr(module, class_name)
-    except (ImportError, AttributeError, TypeError, ValueError) as exc:
-        raise ConfigError(f"CHIFFON_WORKER: cannot load {spec!r}: {exc}") from None
+    except Exception as exc:  # a module that raises at import (SyntaxError too) is named, once
+        raise ConfigError(
+            f"CHIFFON_WORKER: cannot load {spec!r}: {type(exc).__name__}: {exc}"
+        ) from None
     if not (isinstance(found, type) and issubclass(found, WorkerBase)):
         raise ConfigError(f"CHIFFON_WORKER: {spec!r} is not a WorkerBase subclass")
     return found

@@ -59,15 +59,17 @@ class Settings(BaseModel):
     tls_key_file: Path | None = None
     tls_verify_hostname: bool = True
     amqp_heartbeat: int = Field(default=30, ge=0, le=3600)
-    blocked_connection_timeout: float = Field(default=60.0, gt=0)
+    # Every duration has a sane range: 1e-6 s of heartbeat is a busy loop, and
+    # inf overflows the thread waits (or makes a freeze unbounded).
+    blocked_connection_timeout: float = Field(default=60.0, ge=1, le=3600)
     reconnect_max_delay: float = Field(default=4.0, ge=0.5, le=300)
     agent_type: AgentType = "infra"
     agent_id: uuid.UUID | None = None
-    heartbeat_interval: float = Field(default=60.0, gt=0)
+    heartbeat_interval: float = Field(default=60.0, ge=0.1, le=86400)
     prefetch: int = Field(default=1, ge=1, le=1000)
     ack_mode: Literal["early", "late"] = "early"
-    shutdown_timeout: float = Field(default=30.0, ge=0)
-    idempotency_ttl: float = Field(default=300.0, gt=0)
+    shutdown_timeout: float = Field(default=30.0, ge=0, le=86400)
+    idempotency_ttl: float = Field(default=300.0, ge=1, le=7 * 86400)
     idempotency_size: int = Field(default=1000, ge=1)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["json", "text"] = "json"
@@ -78,7 +80,7 @@ class Settings(BaseModel):
     metrics_host: str = "127.0.0.1"
     max_result_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
-    default_max_duration: float | None = Field(default=None, gt=0)
+    default_max_duration: float | None = Field(default=None, gt=0, le=7 * 86400)
 
     @field_validator("log_level", mode="before")
     @classmethod

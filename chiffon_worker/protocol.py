@@ -80,7 +80,8 @@ class Envelope(_Model):
     trace_id: uuid.UUID
     request_id: uuid.UUID
     type: MessageType
-    priority: int = Field(default=3, ge=1, le=5)
+    # strict: JSON `true` is not priority 1.
+    priority: int = Field(default=3, ge=1, le=5, strict=True)
     payload: dict[str, Any]
     x_custom_fields: dict[str, Any] = Field(default_factory=dict)
 

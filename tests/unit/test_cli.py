@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +159,17 @@ def test_a_worker_class_that_cannot_be_built_stops_with_one_line(tmp_path: Path)
     assert "Traceback" not in done.stderr
     assert "HalfDone cannot be started" in done.stderr
     assert "execute_work" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "source", ["raise RuntimeError('no config here')\n", "def broken(:\n"], ids=["raises", "syntax"]
+)
+def test_a_worker_module_that_fails_to_import_is_a_one_line_configuration_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str
+) -> None:
+    module = f"broken_worker_{uuid.uuid4().hex}"
+    (tmp_path / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    with pytest.raises(ConfigError, match=r"^CHIFFON_WORKER: cannot load"):
+        load_worker_class(f"{module}:Worker")

@@ -286,3 +286,19 @@ def test_unknown_variables_lists_only_unknown_chiffon_names() -> None:
     environ = {"CHIFFON_TYPO": "1", "CHIFFON_PREFETCH": "2", "PATH": "/bin"}
 
     assert unknown_variables(environ) == ["CHIFFON_TYPO"]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("CHIFFON_HEARTBEAT_INTERVAL", "1e-6"),
+        ("CHIFFON_HEARTBEAT_INTERVAL", "inf"),
+        ("CHIFFON_BLOCKED_CONNECTION_TIMEOUT", "inf"),
+        ("CHIFFON_SHUTDOWN_TIMEOUT", "inf"),
+        ("CHIFFON_IDEMPOTENCY_TTL", "nan"),
+        ("CHIFFON_DEFAULT_MAX_DURATION", "1e400"),
+    ],
+)
+def test_absurd_durations_are_refused_naming_the_setting(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        load_settings(environ={variable: value})

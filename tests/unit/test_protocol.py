@@ -483,3 +483,9 @@ def test_a_sane_time_limit_hint_and_unknown_hints_are_accepted() -> None:
     )
 
     assert request.hints == {"max_duration_seconds": 2.5, "colour": 1}
+
+
+def test_priority_true_is_not_priority_one() -> None:
+    body = json.dumps(request_document(priority=True)).encode()
+
+    assert "priority" in invalid_reason(body).reason

@@ -22,7 +22,7 @@ from pydantic_core import PydanticSerializationError
 
 from chiffon_worker.amqp import Delivery, DeliveryTag, Outgoing
 from chiffon_worker.config import Settings
-from chiffon_worker.errors import InvalidMessage
+from chiffon_worker.errors import ConnectionLost, InvalidMessage
 from chiffon_worker.idempotency import ClaimState, IdempotencyCache
 from chiffon_worker.log import message_context
 from chiffon_worker.outbox import Outbox
@@ -322,7 +322,14 @@ class RequestConsumer:
             )
 
     def _complete(self, task: Task, result: WorkResult | None = None) -> None:
-        self._answer(task, result)
+        try:
+            self._answer(task, result)
+        except ConnectionLost:
+            # The answer waits in the outbox; the slot must not stay taken, or
+            # nothing is consumed after the reconnect. New work waits for it.
+            self._running.pop(task.request_id, None)
+            self._stats.in_flight(len(self._running))
+            raise
         self._free_slot(task)
 
     def _answer(self, task: Task, result: WorkResult | None = None) -> None:

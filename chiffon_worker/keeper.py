@@ -23,8 +23,11 @@ logger = logging.getLogger(__name__)
 BACKOFF_FIRST_SECONDS = 0.5
 # The default of CHIFFON_RECONNECT_MAX_DELAY: back within seconds of the broker.
 BACKOFF_CAP_SECONDS = 4.0
-# A connection that stayed up this long was healthy: its loss is retried at once.
-STABLE_SECONDS = 10.0
+# A connection that stayed up this long was healthy: its loss is retried at
+# once. One refused by the broker for what we send dies within a round trip,
+# and that is the loop to back off from; a link that flaps every second or so
+# still gets its work done.
+STABLE_SECONDS = 0.25
 
 
 class Backoff:

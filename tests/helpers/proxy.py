@@ -125,3 +125,29 @@ class TcpProxy:
                     self._pairs.remove((client, upstream))
             client.close()
             upstream.close()
+
+
+class ConnectionCutter:
+    """A thread that drops every proxied connection every `every` seconds."""
+
+    def __init__(self, proxy: TcpProxy, every: float) -> None:
+        self._proxy = proxy
+        self._every = every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="test-cutter", daemon=True)
+        self.cuts = 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            if self._proxy.open_connections:
+                self._proxy.cut()
+                self.cuts += 1
+
+    def __enter__(self) -> ConnectionCutter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        assert not self._thread.is_alive(), "the cutter did not stop"

@@ -7,6 +7,7 @@ shut; the orchestrator stand-in talks to the broker directly.
 from __future__ import annotations
 
 import signal
+from collections import Counter
 from collections.abc import Callable
 from urllib.parse import quote
 
@@ -15,7 +16,7 @@ import pytest
 from chiffon_worker.config import Settings
 from tests.helpers.broker import Orchestrator, Vhost, rabbitmqctl, work_request
 from tests.helpers.process import InProcessWorker, WorkerProcess
-from tests.helpers.proxy import TcpProxy
+from tests.helpers.proxy import ConnectionCutter, TcpProxy
 from tests.helpers.workers import CountingWorker
 
 pytestmark = pytest.mark.integration
@@ -231,3 +232,31 @@ def test_memory_alarm_blocks_publishing_then_the_result_arrives(
         result = orchestrator.wait_for_result(request, timeout=30)["payload"]
     assert result["output"] == "released"
     assert len(orchestrator.distinct_results()) == 1
+
+
+def test_every_answered_task_has_its_work_finished_line_once_while_the_link_flaps(
+    vhost: Vhost, orchestrator: Orchestrator, proxy: TcpProxy, spawn: Spawn
+) -> None:
+    worker = spawn(url=_via(proxy, vhost))
+    # 20 ms of work each: about six seconds of cuts while they run.
+    requests = [
+        work_request("slow_echo", {"seconds": 0.02, "message": f"m{n}"}) for n in range(300)
+    ]
+    with ConnectionCutter(proxy, every=0.5) as cutter:
+        for request in requests:
+            orchestrator.publish(request)
+        orchestrator.wait_until(
+            lambda: len(orchestrator.distinct_results()) >= len(requests), 90, "every result"
+        )
+    assert worker.stop() == 0
+
+    answered = {result["request_id"] for result in orchestrator.distinct_results()}
+    logged = Counter(
+        record.get("request_id")
+        for record in worker.records()
+        if record.get("message") == "work finished"
+    )
+    print(f"\nflapping link: {cutter.cuts} cuts, {len(answered)} answered")
+    assert cutter.cuts >= 2
+    assert answered == {request["request_id"] for request in requests}
+    assert {request_id: logged[request_id] for request_id in answered} == dict.fromkeys(answered, 1)

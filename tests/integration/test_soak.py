@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import threading
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -35,7 +34,7 @@ import pytest
 
 from tests.helpers.broker import Orchestrator, Vhost, work_request
 from tests.helpers.process import WorkerProcess
-from tests.helpers.proxy import TcpProxy
+from tests.helpers.proxy import ConnectionCutter, TcpProxy
 from tests.helpers.soak_worker import RUNS_FILE_VARIABLE
 
 SOAK_N = int(os.environ.get("SOAK_N", "5000"))
@@ -55,32 +54,6 @@ pytestmark = [
 ]
 
 Spawn = Callable[..., WorkerProcess]
-
-
-class ConnectionCutter:
-    """A thread that drops every proxied connection every `every` seconds."""
-
-    def __init__(self, proxy: TcpProxy, every: float) -> None:
-        self._proxy = proxy
-        self._every = every
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="soak-cutter", daemon=True)
-        self.cuts = 0
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._every):
-            if self._proxy.open_connections:
-                self._proxy.cut()
-                self.cuts += 1
-
-    def __enter__(self) -> ConnectionCutter:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        assert not self._thread.is_alive(), "the cutter did not stop"
 
 
 def _plan(count: int, rng: random.Random) -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, NamedTuple
@@ -42,6 +42,8 @@ CONTENT_TYPE = "application/json"
 # How long to wait before consuming the control queue again after the broker
 # refused our exclusive consumer (someone else holds it).
 CONTROL_RETRY_S = 10.0
+# The longest a graceful close waits for the broker's Close-Ok.
+CLOSE_WAIT_SECONDS = 2.0
 PERSISTENT = 2
 TRANSIENT = 1
 
@@ -303,6 +305,13 @@ class BrokerLink:
         # Guards _connection against a swap while another thread hands over a callback.
         self._swap_lock = threading.Lock()
         self.current_url = ""
+        # The broker blocked this connection (a memory or disk alarm): it reads
+        # nothing we send until it unblocks us, so no call may wait for an answer.
+        self.blocked = False
+        # start_consuming() came while blocked: done once the broker unblocks us.
+        self._consume_when_unblocked = False
+        # The synchronous call (basic.consume, basic.cancel) waiting for its answer now.
+        self._waiting_for: str | None = None
 
     # -- connection lifecycle -------------------------------------------------
 
@@ -321,8 +330,16 @@ class BrokerLink:
                 channel.basic_qos(prefetch_count=self._prefetch)
                 declare(channel, self._topology)
                 channel.add_on_cancel_callback(self._broker_cancelled)
-                connection.add_on_connection_blocked_callback(self._blocked)
-                connection.add_on_connection_unblocked_callback(self._unblocked)
+                # On the I/O loop itself, not BlockingConnection's dispatch: it
+                # must be seen while inline work runs inside pika's callback
+                # and while one of our own calls waits for its answer.
+                impl = connection._impl
+                impl.add_on_connection_blocked_callback(
+                    lambda _impl, _frame: self._blocked(generation)
+                )
+                impl.add_on_connection_unblocked_callback(
+                    lambda _impl, _frame: self._unblocked(generation)
+                )
         except ConnectionLost:
             _close_quietly(connection)
             raise
@@ -332,6 +349,8 @@ class BrokerLink:
             self._generation = generation
         _watch_for_silence(connection, 2.0 * float(connection._impl.params.heartbeat or 0))
         self._consumer_tag = None
+        self._consume_when_unblocked = False
+        self.blocked = False
         self.current_url = redact_url(url)
         self._start_control()
 
@@ -342,7 +361,7 @@ class BrokerLink:
 
     @property
     def consuming(self) -> bool:
-        return self._consumer_tag is not None
+        return self._consumer_tag is not None or self._consume_when_unblocked
 
     def _detach(self) -> BlockingConnection | None:
         """Forget the current connection (under the lock other threads look through)."""
@@ -351,6 +370,8 @@ class BrokerLink:
             # A confirm from a channel we left behind must not touch what we publish next.
             self._generation += 1
         self._consumer_tag = None
+        self._consume_when_unblocked = False
+        self.blocked = False
         self._control_channel = None
         self._control_retry_at = None
         # Never confirmed, so to be published again on the next channel, which
@@ -364,9 +385,16 @@ class BrokerLink:
         return connection
 
     def close(self) -> None:
+        """Close gracefully; a blocked connection is dropped (its Close-Ok would not come)."""
+        blocked = self.blocked
         connection = self._detach()
-        if connection is not None:
-            _close_quietly(connection)
+        if connection is None:
+            return
+        if blocked:
+            _abandon(connection, "blocked by the broker: dropped, not closed")
+        else:
+            # Bounded too: our last publish may have got us blocked just now.
+            _close_quietly(connection, within=CLOSE_WAIT_SECONDS)
 
     def drop(self) -> None:
         """Abandon a connection judged dead, without the close handshake.
@@ -375,23 +403,24 @@ class BrokerLink:
         or half-open connection never sends.
         """
         connection = self._detach()
-        if connection is None or not connection.is_open:
-            return
-        with contextlib.suppress(Exception):  # it is already broken; only cleaning up
-            # The same door pika's own heartbeat checker uses to give up on a stream.
-            connection._impl._terminate_stream(
-                pika.exceptions.StreamLostError("abandoned by chiffon-worker")
-            )
-            connection.process_data_events(time_limit=0)
+        if connection is not None:
+            _abandon(connection, "abandoned by chiffon-worker")
 
     # -- consuming ------------------------------------------------------------
 
     def start_consuming(self) -> None:
+        """Consume the work queue; while blocked, once the broker unblocks us."""
         if self._consumer_tag is not None:
             return
         channel = self._require_channel()
+        if self.blocked:
+            # Consume-Ok would not come before the alarm clears: the broker
+            # reads nothing of ours meanwhile, so nothing is lost by waiting.
+            self._consume_when_unblocked = True
+            return
+        self._consume_when_unblocked = False
         generation = self._generation
-        with _translated("basic.consume"):
+        with _translated("basic.consume"), self._waiting("basic.consume"):
             self._consumer_tag = channel.basic_consume(
                 queue=self._topology.work_queue,
                 on_message_callback=lambda _ch, method, props, body: self._deliver(
@@ -400,12 +429,33 @@ class BrokerLink:
             )
 
     def stop_consuming(self) -> None:
-        """Cancel our consumer; pika requeues deliveries it had not handed to us yet."""
+        """Cancel our consumer; pika requeues deliveries it had not handed to us yet.
+
+        While blocked the cancel is sent without waiting for its Cancel-Ok,
+        which would not come before the alarm clears: the broker acts on it
+        then, or requeues our unacked deliveries when the connection closes.
+        A delivery pika still held for the cancelled consumer is rejected by
+        pika (requeued).
+        """
+        self._consume_when_unblocked = False
         tag, self._consumer_tag = self._consumer_tag, None
-        if tag is None or self._channel is None:
+        channel = self._channel
+        if tag is None or channel is None:
             return
         with _translated("basic.cancel"):
-            self._channel.basic_cancel(tag)
+            if self.blocked:
+                channel._impl.basic_cancel(tag)  # no callback: nowait
+                return
+            with self._waiting("basic.cancel"):
+                channel.basic_cancel(tag)
+
+    @contextlib.contextmanager
+    def _waiting(self, call: str) -> Iterator[None]:
+        self._waiting_for = call
+        try:
+            yield
+        finally:
+            self._waiting_for = None
 
     # -- the control queue ----------------------------------------------------
 
@@ -414,6 +464,9 @@ class BrokerLink:
         queue = self._topology.control_queue
         connection = self._connection
         if queue is None or self._on_control is None or connection is None:
+            return
+        if self.blocked:  # opening a channel waits for an answer: try once unblocked
+            self._control_retry_at = time.monotonic()
             return
         self._control_retry_at = None
         generation = self._generation
@@ -493,13 +546,32 @@ class BrokerLink:
         self._consumer_tag = None
         self._on_consumer_cancelled()
 
-    def _blocked(self, _connection: Any, _frame: Any) -> None:
+    def _blocked(self, generation: int) -> None:
+        """Runs inside pika's I/O loop, wherever it is pumped (a waiting call included)."""
+        if generation != self._generation:
+            return
+        self.blocked = True
         logger.warning(
             "broker blocked publishing (memory or disk alarm)",
             extra={"blocked_connection_timeout": self._blocked_timeout},
         )
+        waiting, connection = self._waiting_for, self._connection
+        if waiting is not None and connection is not None:
+            # Sent just after a publish that got us blocked: its answer will
+            # not come until the alarm clears, and the thread waiting for it
+            # feeds no watchdog and heeds no stop meanwhile. Give the
+            # connection up instead (the broker requeues what we hold).
+            connection._impl._terminate_stream(
+                pika.exceptions.ConnectionBlockedTimeout(
+                    f"blocked by the broker (memory or disk alarm) while {waiting} "
+                    "waited for its answer"
+                )
+            )
 
-    def _unblocked(self, _connection: Any, _frame: Any) -> None:
+    def _unblocked(self, generation: int) -> None:
+        if generation != self._generation:
+            return
+        self.blocked = False
         logger.info("broker unblocked publishing")
 
     # -- acks -----------------------------------------------------------------
@@ -601,10 +673,16 @@ class BrokerLink:
             # Long inline work ran inside this call while the rescue thread
             # replaced the connection: the old one's end is old news.
             return
+        if self._consume_when_unblocked and not self.blocked:
+            self.start_consuming()
         control = self._control_channel
         if control is not None and control._pending_events:
             self._take_undispatched_commands(control)
-        elif self._control_retry_at is not None and time.monotonic() >= self._control_retry_at:
+        elif (
+            self._control_retry_at is not None
+            and not self.blocked
+            and time.monotonic() >= self._control_retry_at
+        ):
             self._start_control()
 
     def call_threadsafe(self, callback: Callable[[], None]) -> bool:
@@ -671,10 +749,31 @@ def _watch_for_silence(connection: BlockingConnection, limit: float) -> None:
     impl._adapter_call_later(limit / 4, check)
 
 
-def _close_quietly(connection: BlockingConnection) -> None:
+def _close_quietly(connection: BlockingConnection, within: float | None = None) -> None:
+    """Close, waiting for the broker's Close-Ok; at most `within` seconds if given."""
+    impl = getattr(connection, "_impl", None)  # stand-ins in the unit tests have none
+    if within is not None and impl is not None and connection.is_open:
+
+        def give_up() -> None:
+            if not impl.is_closed:
+                impl._terminate_stream(
+                    pika.exceptions.StreamLostError(f"no Close-Ok within {within:g} s")
+                )
+
+        impl._adapter_call_later(within, give_up)
     with contextlib.suppress(pika.exceptions.AMQPError, OSError):
         if connection.is_open:
             connection.close()
+
+
+def _abandon(connection: BlockingConnection, why: str) -> None:
+    """Give a connection up without the close handshake (the broker sees the socket close)."""
+    if not connection.is_open:
+        return
+    with contextlib.suppress(Exception):  # it is already broken; only cleaning up
+        # The same door pika's own heartbeat checker uses to give up on a stream.
+        connection._impl._terminate_stream(pika.exceptions.StreamLostError(why))
+        connection.process_data_events(time_limit=0)
 
 
 class Reply(NamedTuple):

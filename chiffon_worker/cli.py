@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import sys
 import time
 import uuid
@@ -60,6 +61,9 @@ RUN_FLAGS: tuple[tuple[str, str], ...] = (
     ("reply_queue", "queue for results and heartbeats (default reply_queue)"),
 )
 
+# Longest a `send --wait` or `ctl` waits for answers.
+MAX_TIMEOUT_S = 86400.0
+
 EPILOG = """\
 Settings come from, later wins: defaults < --env-file < CHIFFON_* environment
 variables < flags. The broker URL (with its password) is read only from
@@ -73,6 +77,19 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "--amqp-url",
         help="broker URL(s), comma-separated, without password (use CHIFFON_AMQP_URL for one)",
     )
+
+
+def seconds(text: str) -> float:
+    """A --timeout: a finite number of seconds above 0, at most a day."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT_S):
+        raise argparse.ArgumentTypeError(
+            f"expected seconds above 0 and at most {MAX_TIMEOUT_S:g}, got {text!r}"
+        )
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--priority", type=int, default=3, choices=range(1, 6), metavar="1..5")
     send.add_argument("--to-agent", choices=AGENT_TYPES, help="default: CHIFFON_AGENT_TYPE")
     send.add_argument("--wait", action="store_true", help="wait for the result and print it")
-    send.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default 30)")
+    send.add_argument("--timeout", type=seconds, default=30.0, help="seconds to wait (default 30)")
     send.add_argument("--work-queue", dest="work_queue", help="default work_queue")
 
     ctl = commands.add_parser("ctl", help="ping, pause, resume or cancel live workers")
@@ -138,7 +155,7 @@ def _add_control(
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=seconds,
         default=DEFAULT_TIMEOUT_S,
         help=f"seconds to gather answers (default {DEFAULT_TIMEOUT_S:g})",
     )
@@ -180,16 +197,49 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def parse_params(items: Sequence[str]) -> dict[str, Any]:
+    """KEY=VALUE items; VALUE is JSON when it parses, else the text itself.
+
+    JSON has no NaN or Infinity (Python's json would put null on the wire for
+    them), so a number that is not finite is refused rather than changed.
+    """
     params: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--param: expected KEY=VALUE, got {item!r}")
         try:
-            params[key] = json.loads(raw)
-        except json.JSONDecodeError:
+            if raw.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+                _not_finite(raw)  # not JSON, but surely not meant as text either
+            params[key] = json.loads(
+                raw, parse_constant=_not_finite, parse_float=_finite_float, parse_int=_json_int
+            )
+        except _NotANumber as exc:
+            raise ConfigError(f"--param {key}: {exc}") from None
+        except ValueError:  # json.JSONDecodeError among them
             params[key] = raw
     return params
+
+
+class _NotANumber(Exception):
+    """A --param number JSON cannot carry."""
+
+
+def _not_finite(text: str) -> float:
+    raise _NotANumber(f"{text} is not a number JSON can carry (for the text, write '\"{text}\"')")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotANumber(f"{text} is too large for a JSON number (a double)")
+    return value
+
+
+def _json_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:  # more digits than Python converts
+        raise _NotANumber(f"a number of {len(text)} digits is too long") from None
 
 
 def _send(args: argparse.Namespace) -> int:
@@ -325,8 +375,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _ctl(args)
         return _send(args)
     except ConfigError as exc:
-        print(f"chiffon-worker: configuration error: {exc}", file=sys.stderr)
+        print(f"chiffon-worker: configuration error: {one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except ChiffonError as exc:
-        print(f"chiffon-worker: {exc}", file=sys.stderr)
+        print(f"chiffon-worker: {one_line(exc)}", file=sys.stderr)
         return exc.exit_code
+
+
+def one_line(exc: BaseException) -> str:
+    """The error as one line: a value or path may hold a line break."""
+    return " ".join(str(exc).splitlines())

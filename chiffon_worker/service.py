@@ -307,8 +307,12 @@ class WorkerService:
     def _on_connected(self) -> None:
         self._stats.connected(reconnect=self._keeper.connections > 1)
         self._consumer_cancelled = False
-        self._consumer.publish_now(self._status.build())
+        status = self._status.build()
+        # Consuming first: basic.consume waits for an answer, and during a
+        # broker alarm the publish before it would get the connection blocked
+        # and that answer would never come (the link then drops the connection).
         self._consumer.on_connected()
+        self._consumer.publish_now(status)
         self._notifier.ready(f"connected to {self._link.current_url}, consuming")
 
     def _on_delivery(self, delivery: Delivery) -> None:
@@ -387,19 +391,30 @@ class WorkerService:
             self._consumer.flush_outbox()
             offline = self._status.build("offline")
             self._said_offline = True
+            # Sent even while blocked: it costs nothing and goes out if the
+            # alarm clears before we close.
             self._consumer.publish_now(offline)
             self._await_confirms(offline)
         except ConnectionLost as exc:
             logger.warning("connection lost while stopping", extra={"reason": str(exc)})
-        logger.info("stopped", extra={"unsent": self._consumer.pending()})
+        extra: dict[str, object] = {"unsent": self._consumer.pending()}
+        if self._link.blocked:
+            # No confirm comes while an alarm lasts; unacked deliveries go
+            # back to the queue when the connection closes.
+            extra["blocked"] = True
+        logger.info("stopped", extra=extra)
         self._link.close()
         self._keeper.up = False
 
     def _await_confirms(self, last: Outgoing) -> None:
-        """Service the connection until the broker has confirmed the outbox and `last`."""
+        """Service the connection until the broker has confirmed the outbox and `last`.
+
+        Not while the broker blocks us (a memory or disk alarm): it confirms
+        nothing until the alarm clears, which may be long after the stop.
+        """
         deadline = time.monotonic() + CONFIRM_WAIT_SECONDS
         while self._consumer.pending() or last.state is PublishState.WAITING:
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or self._link.blocked:
                 return
             self._link.process(0.05)
             self._consumer.flush_outbox()

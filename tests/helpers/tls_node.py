@@ -201,7 +201,6 @@ class TlsNode:
     def start(self, timeout: float = START_TIMEOUT) -> None:
         """Make certificates, write the config, boot the node and wait until it serves."""
         self._scripts = _scripts_dir()
-        self._pki = make_pki(self.base / "pki")
         for name in ("home", "mnesia", "log"):
             (self.base / name).mkdir()
         cookie = self.base / "home" / ".erlang.cookie"
@@ -209,15 +208,7 @@ class TlsNode:
         cookie.chmod(0o400)
         (self.base / "enabled_plugins").write_text("[].\n")
         (self.base / "rabbitmq-env.conf").write_text("")
-        (self.base / "rabbitmq.conf").write_text(
-            "listeners.tcp = none\n"
-            f"listeners.ssl.default = {HOST}:{self.port}\n"
-            f"ssl_options.cacertfile = {self._pki.ca}\n"
-            f"ssl_options.certfile = {self._pki.server_cert}\n"
-            f"ssl_options.keyfile = {self._pki.server_key}\n"
-            "ssl_options.verify = verify_peer\n"
-            "ssl_options.fail_if_no_peer_cert = false\n"
-        )
+        (self.base / "rabbitmq.conf").write_text(self._listeners())
         server = self._scripts / "rabbitmq-server"
         with self._output.open("wb") as output:
             try:
@@ -233,6 +224,19 @@ class TlsNode:
             except OSError as exc:
                 raise NodeUnavailable(f"cannot run {server}: {exc}") from None
         self._await_startup(time.monotonic() + timeout)
+
+    def _listeners(self) -> str:
+        """The listener part of rabbitmq.conf: TLS only (certificates made here)."""
+        self._pki = make_pki(self.base / "pki")
+        return (
+            "listeners.tcp = none\n"
+            f"listeners.ssl.default = {HOST}:{self.port}\n"
+            f"ssl_options.cacertfile = {self._pki.ca}\n"
+            f"ssl_options.certfile = {self._pki.server_cert}\n"
+            f"ssl_options.keyfile = {self._pki.server_key}\n"
+            "ssl_options.verify = verify_peer\n"
+            "ssl_options.fail_if_no_peer_cert = false\n"
+        )
 
     def _await_startup(self, deadline: float) -> None:
         # await_startup gives up at once while the node is not yet known to epmd;

@@ -19,6 +19,8 @@ from chiffon_worker.errors import EXIT_CONFIG, ConfigError
 from chiffon_worker.worker import WorkerBase
 
 SUBPROCESS_TIMEOUT_S = 60
+# Nothing listens on port 1: a test that got as far as connecting fails fast.
+UNREACHABLE = "amqp://127.0.0.1:1/"
 
 
 def clean_environ(**extra: str) -> dict[str, str]:
@@ -173,3 +175,63 @@ def test_a_worker_module_that_fails_to_import_is_a_one_line_configuration_error(
 
     with pytest.raises(ConfigError, match=r"^CHIFFON_WORKER: cannot load"):
         load_worker_class(f"{module}:Worker")
+
+
+@pytest.mark.parametrize(
+    "item", ["x=NaN", "x=Infinity", "x=-Infinity", "x=inf", "x=nan", "x=1e400", 'x=[1, {"y": NaN}]']
+)
+def test_param_number_json_cannot_carry_is_refused_not_sent_as_null(item: str) -> None:
+    with pytest.raises(ConfigError, match=r"^--param x: "):
+        parse_params([item])
+
+
+def test_param_quoted_inf_is_the_text() -> None:
+    assert parse_params(['x="inf"']) == {"x": "inf"}
+
+
+def test_send_with_nan_param_is_one_line_and_exit_78(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["send", "--work-type", "echo", "--param", "x=NaN", "--amqp-url", UNREACHABLE])
+
+    err = capsys.readouterr().err
+    assert code == EXIT_CONFIG
+    assert err.count("\n") == 1
+    assert "--param x" in err
+
+
+def test_send_to_the_reply_queue_is_refused_before_connecting(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CHIFFON_REPLY_QUEUE", raising=False)
+    args = ["send", "--work-type", "echo", "--work-queue", "reply_queue", "--amqp-url", UNREACHABLE]
+
+    code = main(args)
+
+    err = capsys.readouterr().err
+    assert code == EXIT_CONFIG
+    assert err.splitlines() == [
+        "chiffon-worker: configuration error: CHIFFON_WORK_QUEUE: must differ from "
+        "CHIFFON_REPLY_QUEUE (both are 'reply_queue')"
+    ]
+
+
+@pytest.mark.parametrize("timeout", ["inf", "nan", "0", "-1", "1e400", "soon"])
+@pytest.mark.parametrize("command", [["send", "--work-type", "echo"], ["ctl", "ping"]])
+def test_timeout_that_is_not_a_finite_positive_number_is_a_usage_error(
+    command: list[str], timeout: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main([*command, "--timeout", timeout])
+
+    assert caught.value.code == 2
+    assert "--timeout" in capsys.readouterr().err
+
+
+def test_configuration_error_with_a_line_break_is_printed_on_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHIFFON_TLS_CA_FILE", str(tmp_path / "two\nlines"))
+
+    code = main(["run", "--amqp-url", UNREACHABLE])
+
+    assert code == EXIT_CONFIG
+    assert len(capsys.readouterr().err.splitlines()) == 1

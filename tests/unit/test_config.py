@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import uuid
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from chiffon_worker.config import (
     url_password,
 )
 from chiffon_worker.errors import ConfigError
+from tests.helpers.tls_node import Pki, make_pki
 
 
 def write(path: Path, text: str) -> Path:
@@ -302,3 +304,207 @@ def test_unknown_variables_lists_only_unknown_chiffon_names() -> None:
 def test_absurd_durations_are_refused_naming_the_setting(variable: str, value: str) -> None:
     with pytest.raises(ConfigError, match=variable):
         load_settings(environ={variable: value})
+
+
+BROKER = "amqp://app:s3cr3tpw@127.0.0.1:1/%2F"
+
+
+@pytest.mark.parametrize(
+    ("query", "named"),
+    [
+        ("heartbeat=abc", "heartbeat"),
+        ("heartbeat=-1", "heartbeat"),
+        ("heartbeat=", "heartbeat"),
+        ("heartbeat=5&heartbeat=6", "heartbeat"),
+        ("bogus_option=1", "bogus_option"),
+        ("backpressure_detection=t", "backpressure_detection"),
+        ("channel_max=0", "channel_max"),
+        ("channel_max=65536", "channel_max"),
+        ("frame_max=1", "frame_max"),
+        ("socket_timeout=inf", "socket_timeout"),
+        ("stack_timeout=nan", "stack_timeout"),
+        ("blocked_connection_timeout=1e400", "blocked_connection_timeout"),
+        ("connection_attempts=0", "connection_attempts"),
+        ("retry_delay=-1", "retry_delay"),
+        ("client_properties=nonsense", "client_properties"),
+        ("client_properties={'a': {1}}", "client_properties"),
+        ("tcp_options={'TCP_KEEPIDLE': 0}", "tcp_options"),
+        ("tcp_options={'SO_NONSENSE': 1}", "tcp_options"),
+        ("ssl_options={'cafile': '/etc/ca.pem'}", "ssl_options"),
+    ],
+)
+def test_url_option_pika_would_raise_on_is_refused_naming_it(query: str, named: str) -> None:
+    message = config_error(environ={"CHIFFON_AMQP_URL": f"{BROKER}?{query}"})
+
+    assert message.startswith("CHIFFON_AMQP_URL:")
+    assert named in message
+    assert "s3cr3tpw" not in message
+
+
+def test_url_options_in_range_are_accepted_and_pika_takes_them() -> None:
+    from chiffon_worker.amqp import connection_parameters
+
+    url = (
+        f"{BROKER}?heartbeat=10&channel_max=100&frame_max=131072&socket_timeout=5"
+        "&stack_timeout=15&blocked_connection_timeout=30&locale=en_US&connection_attempts=3"
+        "&retry_delay=1&tcp_options={'TCP_KEEPIDLE': 60}&client_properties={'name': 'w1'}"
+    )
+
+    settings = load_settings(environ={"CHIFFON_AMQP_URL": url})
+    params = connection_parameters(settings.broker_urls()[0], 30, 60.0)
+
+    assert (params.heartbeat, params.channel_max, params.frame_max) == (10, 100, 131072)
+
+
+def test_url_user_without_a_password_is_refused_unless_a_password_file_gives_one(
+    tmp_path: Path,
+) -> None:
+    message = config_error(environ={"CHIFFON_AMQP_URL": "amqp://app@127.0.0.1/"})
+    password_file = write(tmp_path / "pw", "from-file\n")
+
+    assert message.startswith("CHIFFON_AMQP_URL:")
+    assert "CHIFFON_AMQP_PASSWORD_FILE" in message
+    load_settings(
+        environ={
+            "CHIFFON_AMQP_URL": "amqp://app@127.0.0.1/",
+            "CHIFFON_AMQP_PASSWORD_FILE": str(password_file),
+        }
+    )
+
+
+def test_url_host_name_resolution_cannot_take_is_refused() -> None:
+    message = config_error(environ={"CHIFFON_AMQP_URL": f"amqp://{'a' * 64}.example/"})
+
+    assert message.startswith("CHIFFON_AMQP_URL:")
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("CHIFFON_WORK_QUEUE", "é" * 128),  # 128 characters, 256 bytes
+        ("CHIFFON_REPLY_QUEUE", "q" * 256),
+        ("CHIFFON_WORK_QUEUE", "amq.work"),
+        ("CHIFFON_REPLY_QUEUE", "amq.gen-reply"),
+        ("CHIFFON_WORK_QUEUE", "dlx_queue"),
+        ("CHIFFON_REPLY_QUEUE", "chiffon.control.mine"),
+        ("CHIFFON_WORK_QUEUE", "reply_queue"),
+    ],
+)
+def test_queue_name_the_broker_or_protocol_refuses_is_a_config_error(
+    variable: str, value: str
+) -> None:
+    message = config_error(environ={variable: value})
+
+    assert message.startswith(f"{variable}:")
+
+
+def test_queue_name_of_255_utf8_bytes_is_accepted() -> None:
+    settings = load_settings(environ={"CHIFFON_WORK_QUEUE": "é" * 127 + "q"})
+
+    assert len(settings.work_queue.encode("utf-8")) == 255
+
+
+def test_max_result_bytes_above_the_brokers_message_limit_is_refused() -> None:
+    at_limit = load_settings(environ={"CHIFFON_MAX_RESULT_BYTES": str(128 * 1024 * 1024)})
+
+    message = config_error(environ={"CHIFFON_MAX_RESULT_BYTES": str(128 * 1024 * 1024 + 1)})
+
+    assert at_limit.max_result_bytes == 134217728
+    assert message.startswith("CHIFFON_MAX_RESULT_BYTES:")
+
+
+@pytest.mark.parametrize("value", ["a" * 64, "bad host", "-", "host:9000"])
+def test_metrics_host_that_cannot_be_bound_is_refused(value: str) -> None:
+    message = config_error(environ={"CHIFFON_METRICS_HOST": value})
+
+    assert message.startswith("CHIFFON_METRICS_HOST:")
+
+
+@pytest.mark.parametrize("value", ["0.0.0.0", "::", "localhost", "metrics-1.example.org"])
+def test_metrics_host_address_or_name_is_accepted(value: str) -> None:
+    assert load_settings(environ={"CHIFFON_METRICS_HOST": value}).metrics_host == value
+
+
+def test_env_file_value_that_is_not_utf8_names_its_setting(tmp_path: Path) -> None:
+    env_file = tmp_path / "worker.env"
+    env_file.write_bytes(b"# caf\xe9 comments are harmless\nCHIFFON_WORK_QUEUE=caf\xe9\n")
+
+    message = config_error(env_file=env_file, environ={})
+
+    assert message.startswith("CHIFFON_WORK_QUEUE: the value is not UTF-8 text")
+
+
+def test_nul_character_in_a_value_is_refused_naming_the_setting() -> None:
+    message = config_error(environ={"CHIFFON_TLS_CA_FILE": "/etc/ca\x00.pem"})
+
+    assert message.startswith("CHIFFON_TLS_CA_FILE:")
+
+
+def test_error_message_is_one_line_even_for_a_path_with_a_line_break(tmp_path: Path) -> None:
+    message = config_error(environ={"CHIFFON_TLS_CA_FILE": str(tmp_path / "a\nb")})
+
+    assert message.startswith("CHIFFON_TLS_CA_FILE:")
+    assert "\n" not in message
+
+
+def test_password_file_that_is_not_utf8_names_the_setting(tmp_path: Path) -> None:
+    password_file = tmp_path / "pw"
+    password_file.write_bytes(b"caf\xe9\n")
+
+    message = config_error(environ={"CHIFFON_AMQP_PASSWORD_FILE": str(password_file)})
+
+    assert message.startswith("CHIFFON_AMQP_PASSWORD_FILE:")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.mark.parametrize(
+    "variable", ["CHIFFON_TLS_CA_FILE", "CHIFFON_TLS_CERT_FILE", "CHIFFON_TLS_KEY_FILE"]
+)
+def test_tls_file_that_is_not_pem_is_refused_at_start_naming_it(
+    tmp_path: Path, pki: Pki, variable: str
+) -> None:
+    garbage = write(tmp_path / "garbage.pem", "this is not PEM\n")
+    environ = {
+        "CHIFFON_AMQP_URL": "amqps://app:pw@127.0.0.1:1/",
+        "CHIFFON_TLS_CA_FILE": str(pki.ca),
+        "CHIFFON_TLS_CERT_FILE": str(pki.client_cert),
+        "CHIFFON_TLS_KEY_FILE": str(pki.client_key),
+    }
+    environ[variable] = str(garbage)
+
+    message = config_error(environ=environ)
+
+    assert message.startswith(f"{variable}:")
+
+
+def test_client_key_of_another_certificate_names_the_key_file(pki: Pki) -> None:
+    message = config_error(
+        environ={
+            "CHIFFON_TLS_CERT_FILE": str(pki.client_cert),
+            "CHIFFON_TLS_KEY_FILE": str(pki.other_client_key),
+        }
+    )
+
+    assert message.startswith("CHIFFON_TLS_KEY_FILE:")
+
+
+def test_certificate_without_its_key_names_the_cert_file(pki: Pki) -> None:
+    message = config_error(environ={"CHIFFON_TLS_CERT_FILE": str(pki.client_cert)})
+
+    assert message.startswith("CHIFFON_TLS_CERT_FILE:")
+
+
+def test_pem_tls_files_load(pki: Pki) -> None:
+    settings = load_settings(
+        environ={
+            "CHIFFON_TLS_CA_FILE": str(pki.ca),
+            "CHIFFON_TLS_CERT_FILE": str(pki.client_cert),
+            "CHIFFON_TLS_KEY_FILE": str(pki.client_key),
+        }
+    )
+
+    assert settings.tls_files().context().verify_mode == ssl.CERT_REQUIRED

@@ -1,0 +1,190 @@
+"""A broker memory alarm neither freezes a stop nor starves the watchdog (issue 13, item 4).
+
+While a RabbitMQ alarm is on, the broker stops reading from every connection
+that publishes: a synchronous call (basic.consume, basic.cancel, the close
+handshake) is never answered. Alarms are node-wide, so these tests run their
+own node (tests/helpers/private_node.py), never the machine's broker. The
+test stands in for systemd as test_runtime_safety.py does: it binds
+NOTIFY_SOCKET and time-stamps every watchdog ping.
+"""
+
+from __future__ import annotations
+
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers.broker import Orchestrator, work_request
+from tests.helpers.ci import missing
+from tests.helpers.private_node import PrivateNode
+from tests.helpers.process import WorkerProcess
+from tests.helpers.tls_node import NodeUnavailable
+from tests.integration.test_runtime_safety import (
+    MAX_WATCHDOG_GAP_S,
+    WATCHDOG_USEC,
+    NotifyListener,
+)
+
+pytestmark = pytest.mark.integration
+
+SHUTDOWN_TIMEOUT = 5
+# Exit within the shutdown timeout, plus the interpreter's own start-up of
+# nothing and its teardown: a generous margin, far below a frozen stop.
+STOP_MARGIN_S = 3.0
+BLOCKED = "broker blocked publishing (memory or disk alarm)"
+
+
+@pytest.fixture(scope="module")
+def node() -> Iterator[PrivateNode]:
+    with tempfile.TemporaryDirectory(prefix="chiffon-alarm-", ignore_cleanup_errors=True) as base:
+        private = PrivateNode(Path(base))
+        try:  # stopped whatever happens, a half-started node included
+            try:
+                private.start()
+            except NodeUnavailable as exc:
+                missing(f"cannot start a private RabbitMQ node: {exc}")
+            yield private
+        finally:
+            private.stop()
+
+
+@pytest.fixture
+def alarm(node: PrivateNode) -> Iterator[Callable[[], None]]:
+    """Sets the node's memory alarm when called; always cleared after the test."""
+    try:
+        yield node.set_memory_alarm
+    finally:
+        node.clear_memory_alarm()
+
+
+@pytest.fixture
+def orchestrator(node: PrivateNode) -> Iterator[Orchestrator]:
+    peer = Orchestrator(node.url())
+    peer.watch("reply_queue")
+    try:
+        yield peer
+    finally:
+        peer.close()
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[NotifyListener]:
+    listener = NotifyListener(tmp_path / "notify")
+    try:
+        yield listener
+    finally:
+        listener.close()
+
+
+@pytest.fixture
+def supervised(tmp_path: Path, notify: NotifyListener) -> Iterator[Callable[..., WorkerProcess]]:
+    """A worker process as a Type=notify unit with WatchdogSec=4 would start it."""
+    started: list[WorkerProcess] = []
+
+    def start(url: str, **settings: object) -> WorkerProcess:
+        worker = WorkerProcess(url, tmp_path / "worker.log", **settings)
+        worker.env["NOTIFY_SOCKET"] = str(notify.path)
+        worker.env["WATCHDOG_USEC"] = str(WATCHDOG_USEC)
+        started.append(worker.start())
+        return worker
+
+    try:
+        yield start
+    finally:
+        for worker in started:
+            worker.kill()
+
+
+def _logged(worker: WorkerProcess, message: str) -> list[dict[str, Any]]:
+    return [r for r in worker.records() if r.get("message") == message]
+
+
+def _busy(orchestrator: Orchestrator, request: dict[str, Any]) -> bool:
+    task_id = request["payload"]["task_id"]
+    return any(
+        h["payload"]["status"] == "busy" and h["payload"]["current_task_id"] == task_id
+        for h in orchestrator.heartbeats()
+    )
+
+
+def test_a_stop_during_a_broker_alarm_ends_within_the_shutdown_timeout_and_feeds_the_watchdog(
+    node: PrivateNode,
+    orchestrator: Orchestrator,
+    notify: NotifyListener,
+    supervised: Callable[..., WorkerProcess],
+    alarm: Callable[[], None],
+) -> None:
+    worker = supervised(
+        node.url(),
+        heartbeat_interval=1,
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
+        blocked_connection_timeout=60,
+    )
+    orchestrator.wait_until(lambda: bool(notify.pings()), 20, "the first watchdog ping")
+    watched_from = notify.pings()[0]
+    # Long enough to be past the hold grace (the rescue thread cancels the
+    # consumer) and to finish while blocked (its result cannot go out, and
+    # consuming again needs basic.consume, which the blocked broker ignores).
+    task = work_request("slow_echo", {"seconds": 3, "message": "during the alarm"})
+    orchestrator.publish(task)
+    orchestrator.wait_until(lambda: _busy(orchestrator, task), 20, "the task to start")
+
+    alarm()
+    # The next heartbeat (every second) is what gets the connection blocked.
+    orchestrator.wait_until(lambda: bool(_logged(worker, BLOCKED)), 15, "the worker to be blocked")
+    orchestrator.wait_until(
+        lambda: bool(_logged(worker, "work finished")), 15, "the task to finish while blocked"
+    )
+    # Blocked and idle for a while: a healthy worker keeps feeding the watchdog.
+    quiet_until = time.monotonic() + 3
+    orchestrator.wait_until(lambda: time.monotonic() >= quiet_until, 10, "the clock")
+
+    stop_at = time.monotonic()
+    worker.signal(signal.SIGTERM)
+    code = worker.wait(timeout=SHUTDOWN_TIMEOUT + 30)
+    ended_at = time.monotonic()
+
+    took = ended_at - stop_at
+    gap = notify.max_gap(watched_from, ended_at)
+    print(f"SIGTERM to exit: {took:.2f} s; longest watchdog gap: {gap:.2f} s")
+    assert code == 0, worker.messages()[-10:]
+    assert took <= SHUTDOWN_TIMEOUT + STOP_MARGIN_S, worker.messages()[-10:]
+    assert gap <= MAX_WATCHDOG_GAP_S, (notify.pings(), worker.messages()[-10:])
+    stopped = _logged(worker, "stopped") or _logged(worker, "stopped while disconnected")
+    assert stopped, worker.messages()[-10:]
+    # The result of the task that finished while blocked never reached the broker.
+    assert stopped[-1]["unsent"] >= 1, stopped
+
+
+def test_a_worker_blocked_past_the_blocked_timeout_reconnects_and_serves_after_the_alarm(
+    node: PrivateNode,
+    orchestrator: Orchestrator,
+    notify: NotifyListener,
+    supervised: Callable[..., WorkerProcess],
+    alarm: Callable[[], None],
+) -> None:
+    worker = supervised(node.url(), heartbeat_interval=1, blocked_connection_timeout=2)
+    orchestrator.wait_until(lambda: bool(notify.pings()), 20, "the first watchdog ping")
+    watched_from = notify.pings()[0]
+    alarm()
+    orchestrator.wait_until(
+        lambda: any(
+            "blocked" in str(r.get("reason", "")).lower()
+            for r in _logged(worker, "connection lost")
+        ),
+        20,
+        "the blocked timeout to drop the connection",
+    )
+    node.clear_memory_alarm()
+    connected = len(_logged(worker, "connected to broker"))
+    task = work_request("echo", {"message": "after the alarm"})
+    orchestrator.publish(task)
+    assert orchestrator.wait_for_result(task, timeout=30)["payload"]["status"] == "completed"
+    assert len(_logged(worker, "connected to broker")) >= max(connected, 2)
+    assert notify.max_gap(watched_from, time.monotonic()) <= MAX_WATCHDOG_GAP_S
+    assert worker.stop(timeout=SHUTDOWN_TIMEOUT + 10) == 0

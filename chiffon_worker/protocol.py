@@ -7,6 +7,7 @@ Unknown fields are ignored (forward compatibility); nothing else lives here.
 from __future__ import annotations
 
 import json
+import sys
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, NamedTuple, get_args
@@ -54,7 +55,13 @@ def _as_utc(value: datetime) -> datetime:
     # The protocol says a naive timestamp means UTC.
     if value.tzinfo is None:
         return value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        # 9999-12-31T23:59:59-23:59 is a valid ISO 8601 stamp whose UTC time
+        # is past year 9999; pydantic turns ValueError, not OverflowError,
+        # into a validation error (an InvalidMessage, answered 5003).
+        raise ValueError("timestamp is outside the years 1 to 9999 in UTC") from None
 
 
 # Accepts Z, offsets and naive (read as UTC); always emits UTC with "+00:00".
@@ -345,14 +352,28 @@ def parse_work_request(body: bytes) -> tuple[Envelope, WorkRequest]:
 
 def _diagnose(body: bytes) -> tuple[Envelope, WorkRequest]:
     """Parse step by step to say exactly what is wrong (and recover the ids)."""
+    too_long: list[int] = []
+
+    def read_int(digits: str) -> int:
+        # JSON sets no limit on digits; Python's int() does. Keep reading so
+        # the ids can still be answered.
+        count = len(digits.lstrip("-"))
+        limit = sys.get_int_max_str_digits()  # 0: no limit
+        if limit and count > limit:
+            too_long.append(count)
+            return 0
+        return int(digits)
+
     try:
         # Decoded explicitly: json.loads(bytes) would also guess UTF-16/32,
         # and the protocol says UTF-8.
-        document = json.loads(body.decode("utf-8"))
-    # ValueError covers bad UTF-8, bad JSON and integers too long to convert.
+        document = json.loads(body.decode("utf-8"), parse_int=read_int)
+    # ValueError covers bad UTF-8 and bad JSON.
     except (ValueError, RecursionError) as exc:
         raise InvalidMessage(f"body is not UTF-8 JSON: {exc}") from None
     ids = _readable_ids(document)
+    if too_long:
+        raise InvalidMessage(f"a number of {too_long[0]} digits is too long", ids)
     if not isinstance(document, dict):
         raise InvalidMessage(f"body is JSON {type(document).__name__}, expected an object")
     try:

@@ -125,6 +125,32 @@ def test_emitted_timestamp_states_its_utc_offset() -> None:
     assert datetime.fromisoformat(emitted) == NOON_UTC
 
 
+@pytest.mark.parametrize(
+    "stamp",
+    ["9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+23:59"],
+    ids=["past-9999", "before-1"],
+)
+def test_timestamp_whose_utc_time_leaves_the_calendar_is_invalid_with_its_ids(stamp: str) -> None:
+    document = request_document(timestamp=stamp)
+
+    problem = invalid_reason(body_of(document))
+
+    assert "timestamp" in problem.reason
+    # The ids were readable, so the consumer can still answer 5003.
+    assert problem.ids["request_id"] == document["request_id"]
+    assert problem.ids["trace_id"] == document["trace_id"]
+
+
+@pytest.mark.parametrize(
+    "stamp", ["9999-12-31T23:59:59Z", "0001-01-01T00:00:00", "0001-01-01T00:00:00-23:59"]
+)
+def test_timestamp_at_the_calendar_edge_in_utc_is_accepted(stamp: str) -> None:
+    envelope, _ = parse_work_request(body_of(request_document(timestamp=stamp)))
+
+    assert envelope.timestamp.utcoffset() == timedelta(0)
+    assert datetime.fromisoformat(json.loads(encode(envelope))["timestamp"]) == envelope.timestamp
+
+
 @pytest.mark.parametrize("agent", AGENT_TYPES)
 def test_every_protocol_agent_type_is_accepted(agent: str) -> None:
     envelope, _ = parse_work_request(body_of(request_document(from_agent=agent, to_agent=agent)))
@@ -243,6 +269,19 @@ def test_huge_integer_literal_is_invalid_not_a_crash() -> None:
     body = b'{"protocol_version": "1.0", "priority": ' + b"9" * 5000 + b"}"
 
     invalid_reason(body)
+
+
+def test_integer_past_pythons_digit_limit_is_invalid_with_its_ids() -> None:
+    # JSON sets no limit on digits; Python's int() refuses more than 4300.
+    document = request_document()
+    body = body_of(document).replace(
+        b'"parameters": {}', b'"parameters": {"n": -' + b"9" * 5000 + b"}"
+    )
+
+    problem = invalid_reason(body)
+
+    assert "5000 digits" in problem.reason
+    assert problem.ids["request_id"] == document["request_id"]
 
 
 def test_invalid_message_keeps_readable_ids_for_an_error_reply() -> None:

@@ -124,6 +124,16 @@ class Settings(BaseModel):
     max_result_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=BROKER_MAX_MESSAGE_BYTES)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     default_max_duration: float | None = Field(default=None, gt=0, le=7 * 86400)
+    # false: the operator owns the queues and exchanges (quorum, policies):
+    # the worker declares nothing and checks passively that they exist.
+    declare_topology: bool = True
+    # Child processes (process.run_process): SIGTERM to the group, this long,
+    # then SIGKILL to the whole tree.
+    kill_grace: float = Field(default=10.0, ge=0, le=3600)
+    # PlaybookWorker: playbooks (and inventories) are file names under this dir.
+    playbook_dir: Path = Path("/etc/chiffon-worker/playbooks")
+    # extra_vars keys starting with ansible_ change how Ansible connects: refused unless true.
+    playbook_allow_ansible_vars: bool = False
 
     @field_validator("*", mode="before")
     @classmethod
@@ -285,7 +295,9 @@ def split_urls(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
-_PATH_FIELDS = frozenset({"amqp_password_file", "tls_ca_file", "tls_cert_file", "tls_key_file"})
+_PATH_FIELDS = frozenset(
+    {"amqp_password_file", "tls_ca_file", "tls_cert_file", "tls_key_file", "playbook_dir"}
+)
 
 
 def _is_utf8(value: str) -> bool:

@@ -12,11 +12,14 @@ from __future__ import annotations
 import itertools
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from chiffon_worker.protocol import WorkRequest, WorkStatus
+
+if TYPE_CHECKING:
+    from chiffon_worker.process import ProcessResult
 
 
 class Cancellable(Protocol):
@@ -24,6 +27,8 @@ class Cancellable(Protocol):
 
     @property
     def cancel_reason(self) -> str | None: ...
+    @property
+    def timed_out(self) -> bool: ...
     def wait_cancelled(self, timeout: float) -> bool: ...
 
 
@@ -33,7 +38,17 @@ RecordT = TypeVar("RecordT", bound=Cancellable)
 class TaskContext:
     """What `execute_work` may ask of the runtime about the task it runs."""
 
-    __slots__ = ("_post_progress", "_record", "_steps", "_stop", "request")
+    __slots__ = (
+        "_children_lock",
+        "_post_progress",
+        "_record",
+        "_steps",
+        "_stop",
+        "children_cpu_time_ms",
+        "children_memory_peak_mb",
+        "kill_grace",
+        "request",
+    )
 
     def __init__(
         self,
@@ -41,12 +56,19 @@ class TaskContext:
         record: RecordT,
         stop: threading.Event,
         post_progress: Callable[[RecordT, WorkStatus], None],
+        kill_grace: float = 10.0,
     ) -> None:
         self.request = request
         self._record = record
         self._stop = stop
         self._post_progress: Callable[[Any, WorkStatus], None] = post_progress
         self._steps = itertools.count(1)  # next() is atomic: safe from several threads
+        # Seconds between SIGTERM and SIGKILL when run_process ends a child early.
+        self.kill_grace = kill_grace
+        # What the task's child processes used (run_process adds each one's).
+        self.children_cpu_time_ms = 0
+        self.children_memory_peak_mb = 0.0
+        self._children_lock = threading.Lock()
 
     def report_progress(self, percent: float, step_name: str, output: str = "") -> None:
         """Send a WorkStatus for this task (queued; never blocks on the broker)."""
@@ -68,6 +90,23 @@ class TaskContext:
     @property
     def cancel_reason(self) -> str | None:
         return self._record.cancel_reason
+
+    @property
+    def timed_out(self) -> bool:
+        """True once the task was ended by its time limit (max_duration_seconds)."""
+        return self._record.timed_out
+
+    def add_child_usage(self, cpu_time_ms: int, memory_peak_mb: float) -> None:
+        """Count a child process's CPU time and peak memory into the task's resources."""
+        with self._children_lock:
+            self.children_cpu_time_ms += cpu_time_ms
+            self.children_memory_peak_mb = max(self.children_memory_peak_mb, memory_peak_mb)
+
+    def run_process(self, argv: Sequence[str], **options: Any) -> ProcessResult:
+        """`chiffon_worker.process.run_process` for this task, from any thread; see there."""
+        from chiffon_worker.process import run_process  # loaded only by work that needs it
+
+        return run_process(argv, task=self, **options)
 
     def sleep(self, seconds: float) -> bool:
         """Wait `seconds`, or less if the task is cancelled; True when it was cancelled."""

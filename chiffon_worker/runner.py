@@ -31,7 +31,9 @@ class TaskRunner:
         agent_id: uuid.UUID,
         stop: threading.Event,
         progress: ProgressSink,
+        kill_grace: float = 10.0,
     ) -> None:
+        self._kill_grace = kill_grace
         self._worker = worker
         self._work_types = work_types
         self._agent_id = agent_id
@@ -43,17 +45,29 @@ class TaskRunner:
         envelope = task.envelope
         started = time.monotonic()
         cpu_started = time.thread_time()
-        result = self._execute_guarded(task)
+        context = TaskContext(
+            request=task.request,
+            record=task,
+            stop=self._stop,
+            post_progress=self._progress,
+            kill_grace=self._kill_grace,
+        )
+        result = self._execute_guarded(task, context)
         elapsed = time.monotonic() - started
         # A thread cannot use more CPU than the time that passed: under a
         # millisecond the answer is 0 without a second (costly, in a VM)
         # read of the thread's CPU clock.
         cpu_used = time.thread_time() - cpu_started if elapsed >= 0.001 else 0.0
-        resources = {
+        resources: dict[str, object] = {
             "cpu_time_ms": int(cpu_used * 1000),
             "memory_peak_mb": peak_memory_mb(),
-            **result.resources_used,
         }
+        if context.children_cpu_time_ms or context.children_memory_peak_mb:
+            # Child processes (run_process) count into the task's CPU time.
+            resources["cpu_time_ms"] = int(cpu_used * 1000) + context.children_cpu_time_ms
+            resources["children_cpu_time_ms"] = context.children_cpu_time_ms
+            resources["children_memory_peak_mb"] = context.children_memory_peak_mb
+        resources.update(result.resources_used)
         return result.model_copy(
             update={
                 "duration_ms": int(elapsed * 1000),
@@ -64,7 +78,7 @@ class TaskRunner:
             }
         )
 
-    def _execute_guarded(self, task: Task) -> WorkResult:
+    def _execute_guarded(self, task: Task, context: TaskContext) -> WorkResult:
         request = task.request
         if request.work_type not in self._work_types:
             supported = ", ".join(sorted(self._work_types))
@@ -72,7 +86,6 @@ class TaskRunner:
                 request,
                 f"unsupported work_type {request.work_type!r}; supported: {supported}",
             )
-        context = TaskContext(request, task, self._stop, self._progress)
         token = enter_task(context)
         try:
             result = self._worker.execute_work(request)

@@ -65,6 +65,9 @@ LOOP_TICK_SECONDS = 0.5
 TAKE_OVER_AFTER_SECONDS = 0.25
 # How long a stop waits for the broker to confirm what is still in the outbox.
 CONFIRM_WAIT_SECONDS = 5.0
+# Beyond the kill grace, how long a stop waits for work whose child processes
+# were ended to return its result.
+KILL_MARGIN_SECONDS = 3.0
 # The status code of a forced exit (a second signal).
 FORCED_EXIT_CODE = EXIT_FAILED
 
@@ -105,7 +108,14 @@ class WorkerService:
         )
         self._mailbox = Mailbox(self._link.call_threadsafe)
         self._stats = make_stats(settings.metrics_port, settings.metrics_host)
-        runner = TaskRunner(worker, work_types, self.agent_id, self._stop, self._progress_from)
+        runner = TaskRunner(
+            worker,
+            work_types,
+            self.agent_id,
+            self._stop,
+            self._progress_from,
+            kill_grace=self.settings.kill_grace,
+        )
         self._consumer = RequestConsumer(
             self._link,
             settings,
@@ -151,6 +161,10 @@ class WorkerService:
         self._consumer_cancelled = False
         self._inline: Task | None = None
         self._stop_deadline: float | None = None
+        # Set when the shutdown timeout passes with child processes running:
+        # how long their trees get to be ended (SIGTERM, grace, SIGKILL) so
+        # their work can answer saying why, instead of leaving them behind.
+        self._kill_deadline: float | None = None
         self._said_offline = False
         self._finished = False
         self._exit_code = EXIT_OK
@@ -343,8 +357,29 @@ class WorkerService:
         busy = self._consumer.busy
         if busy and now < self._stop_deadline and self._keeper.refused is None:
             return False
+        if busy and self._ending_children(now):
+            return False
         self._finish(timed_out=busy)
         return True
+
+    def _ending_children(self, now: float) -> bool:
+        """After the shutdown timeout: True while running child processes are being ended."""
+        if self._kill_deadline is None:
+            # Imported here: a worker that never runs a child never loads it.
+            from chiffon_worker.process import running_count
+
+            if self._keeper.refused is not None or not running_count():
+                return False
+            self._kill_deadline = now + self.settings.kill_grace + KILL_MARGIN_SECONDS
+            logger.error(
+                "shutdown timeout: ending the child processes of running work",
+                extra={
+                    "running": self._consumer.current_task_ids(),
+                    "kill_grace": self.settings.kill_grace,
+                },
+            )
+            self._consumer.cancel_running("the worker's shutdown timeout passed")
+        return now < self._kill_deadline
 
     def _begin_stop(self) -> None:
         if self._keeper.refused is not None:

@@ -8,6 +8,7 @@ over with one callback. The lock makes sure it is one door, never both.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -74,6 +75,15 @@ class Task:
         event = self._cancelled
         if event is not None:
             event.set()
+
+    @property
+    def timed_out(self) -> bool:
+        """Ended early by its time limit (the consumer marks it when the deadline passes)."""
+        return (
+            self.cancel_reason is not None
+            and self.deadline is not None
+            and time.monotonic() >= self.deadline
+        )
 
     def wait_cancelled(self, timeout: float) -> bool:
         """The work's thread: wait up to `timeout`; True (early) once the task is cancelled."""
@@ -145,25 +155,36 @@ class WorkThreads:
         self._after = after
         self._queue: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
+        self._threads_lock = threading.Lock()
+        self._numbers = itertools.count(1)
         # Started with the first task: a worker whose work all runs inline
         # never needs them.
         self._count = count
 
+    @property
+    def size(self) -> int:
+        with self._threads_lock:
+            return len(self._threads)
+
     def add_thread(self) -> None:
-        """Start one more thread (to replace one stuck in a task that timed out)."""
-        number = len(self._threads) + 1
-        thread = threading.Thread(target=self._loop, name=f"chiffon-work-{number}", daemon=True)
-        self._threads.append(thread)
+        """Start one more thread: the replacement of one held by work answered early.
+
+        The pool shrinks back when that work returns (see _retire).
+        """
+        name = f"chiffon-work-{next(self._numbers)}"
+        thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        with self._threads_lock:
+            self._threads.append(thread)
         thread.start()
 
     def submit(self, task: Task) -> None:
-        while len(self._threads) < self._count:
+        while self.size < self._count:
             self.add_thread()
         task.expect_handoff()
         self._queue.put(task)
 
     def stop(self) -> None:
-        for _ in self._threads:
+        for _ in range(self.size):
             self._queue.put(None)
 
     def _loop(self) -> None:
@@ -171,6 +192,16 @@ class WorkThreads:
             # Every record of this task, the user's included, carries its ids.
             with task.log_context():
                 self._work_on(task)
+            if task.abandoned and self._retire():
+                return
+
+    def _retire(self) -> bool:
+        """After work answered early returns: end this thread if a replacement took its place."""
+        with self._threads_lock:
+            if len(self._threads) <= self._count:
+                return False
+            self._threads.remove(threading.current_thread())
+            return True
 
     def _work_on(self, task: Task) -> None:
         if task.finish(self._run(task)):

@@ -49,8 +49,8 @@ DEFAULT_KILL_GRACE_SECONDS = 10.0
 # How often the loop looks at the task's cancel flag: the worst added latency
 # of a cancel, for a loop that costs nothing measurable.
 POLL_SECONDS = 0.1
-# How often the tree's memory is sampled.
-SAMPLE_SECONDS = 1.0
+# How often the tree's memory is sampled (a few /proc reads per process).
+SAMPLE_SECONDS = 0.5
 # After the child exits, how long output still held open by a descendant it
 # left running is read before we stop listening.
 DRAIN_SECONDS = 1.0
@@ -68,9 +68,11 @@ class ProcessResult:
     `cpu_time_ms` is user + system time of the child and of every descendant
     it waited for itself (wait4's rusage); a descendant that outlived its
     parent is not counted. `memory_peak_mb` is the peak resident set of the
-    largest single process among those (the kernel's ru_maxrss, exact), not
-    their sum; `tree_rss_peak_mb` is the largest sum of the resident sets of
-    the whole tree, sampled every second (it misses peaks shorter than that).
+    largest single process of the tree (the kernel's high-water mark, VmHWM,
+    read every half second: exact for a process alive at a reading, a
+    process that lives between two readings is missed), not their sum;
+    `tree_rss_peak_mb` is the largest sum of the tree's resident sets at a
+    reading (a peak between readings is missed).
     """
 
     argv: tuple[str, ...]
@@ -151,6 +153,16 @@ def running_count() -> int:
     """How many child processes run_process is running now (any thread)."""
     with _LIVE_LOCK:
         return len(_LIVE)
+
+
+def kill_all_now() -> None:
+    """SIGKILL the process group of every running child: the worker is exiting now.
+
+    Safe in a signal handler: it takes no lock (copying the set is atomic
+    under the GIL). Descendants in sessions of their own are not reached.
+    """
+    for pgid in tuple(_LIVE):
+        _signal_group(pgid, signal.SIGKILL)
 
 
 _LIVE: set[int] = set()
@@ -239,7 +251,8 @@ class _Run:
         self.killed = False
         self.kill_at: float | None = None
         self.tree: dict[int, psutil.Process] = {}
-        self.tree_rss_peak = 0
+        self.peak_kib = 0
+        self.tree_rss_peak_kib = 0
         self.next_sample = self.started
 
     # -- start -------------------------------------------------------------------
@@ -416,13 +429,12 @@ class _Run:
         if now < self.next_sample or self.status is not None:
             return
         self.next_sample = now + SAMPLE_SECONDS
-        total = 0
-        for proc in [_process(self.pid), *_descendants(self.pid)]:
-            try:
-                total += proc.memory_info().rss if proc is not None else 0
-            except psutil.Error:
-                continue
-        self.tree_rss_peak = max(self.tree_rss_peak, total)
+        total_rss = 0
+        for pid in [self.pid, *(proc.pid for proc in _descendants(self.pid))]:
+            peak, rss = _memory_kib(pid)
+            self.peak_kib = max(self.peak_kib, peak)
+            total_rss += rss
+        self.tree_rss_peak_kib = max(self.tree_rss_peak_kib, total_rss)
 
     def _close_pipes(self) -> None:
         for pipe in (self.popen.stdout, self.popen.stderr):
@@ -435,7 +447,6 @@ class _Run:
         assert self.popen.returncode is not None
         rusage = self.rusage
         cpu = (rusage.ru_utime + rusage.ru_stime) if rusage is not None else 0.0
-        peak_kib = rusage.ru_maxrss if rusage is not None else 0
         result = ProcessResult(
             argv=tuple(self.argv),
             pid=self.pid,
@@ -446,8 +457,8 @@ class _Run:
             end_reason=self.end_reason,
             killed=self.killed,
             cpu_time_ms=int(cpu * 1000),
-            memory_peak_mb=round(peak_kib / 1024, 1),
-            tree_rss_peak_mb=round(self.tree_rss_peak / 2**20, 1),
+            memory_peak_mb=round(self.peak_kib / 1024, 1),
+            tree_rss_peak_mb=round(self.tree_rss_peak_kib / 1024, 1),
             duration_ms=int((time.monotonic() - self.started) * 1000),
             lines_cut=self.output.lines_cut,
         )
@@ -473,6 +484,25 @@ def _pidfd(pid: int) -> int | None:
         return os.pidfd_open(pid)
     except (AttributeError, OSError):
         return None  # the loop then notices the exit within POLL_SECONDS
+
+
+def _memory_kib(pid: int) -> tuple[int, int]:
+    """A process's peak and current resident set in KiB (VmHWM, VmRSS); zeros once gone.
+
+    VmHWM, not wait4's ru_maxrss: the latter keeps the peak from before
+    exec, which for a forked child is the whole worker's resident set.
+    """
+    peak = rss = 0
+    try:
+        with open(f"/proc/{pid}/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"VmHWM:"):
+                    peak = int(line.split()[1])
+                elif line.startswith(b"VmRSS:"):
+                    rss = int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return peak, rss
 
 
 def _pipes_left(selector: selectors.BaseSelector) -> bool:

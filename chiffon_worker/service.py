@@ -199,6 +199,7 @@ class WorkerService:
             # Written straight to stderr: the logging lock may be held by the
             # very code this signal interrupted.
             os.write(2, b'{"level": "ERROR", "message": "second signal: exiting now"}\n')
+            _kill_children_now()
             os._exit(FORCED_EXIT_CODE)
         self._stop.set()
 
@@ -419,6 +420,7 @@ class WorkerService:
             # The work runs on the connection thread and cannot be abandoned
             # from here: the process ends (early ack: the task is lost, as it
             # would be with a work thread).
+            _kill_children_now()
             os._exit(self._exit_code)
 
     def _say_goodbye(self) -> None:
@@ -468,6 +470,13 @@ def _log_finished(task: Task) -> None:
             "duration_ms": result.duration_ms,
         },
     )
+
+
+def _kill_children_now() -> None:
+    """Before a forced exit: child processes of running work must not outlive us."""
+    process = sys.modules.get("chiffon_worker.process")  # loaded only if work ran children
+    if process is not None:
+        process.kill_all_now()
 
 
 # -- entry point for scripts and the CLI ------------------------------------------

@@ -39,7 +39,6 @@ class TaskContext:
     """What `execute_work` may ask of the runtime about the task it runs."""
 
     __slots__ = (
-        "_children_lock",
         "_post_progress",
         "_record",
         "_steps",
@@ -68,7 +67,6 @@ class TaskContext:
         # What the task's child processes used (run_process adds each one's).
         self.children_cpu_time_ms = 0
         self.children_memory_peak_mb = 0.0
-        self._children_lock = threading.Lock()
 
     def report_progress(self, percent: float, step_name: str, output: str = "") -> None:
         """Send a WorkStatus for this task (queued; never blocks on the broker)."""
@@ -98,7 +96,7 @@ class TaskContext:
 
     def add_child_usage(self, cpu_time_ms: int, memory_peak_mb: float) -> None:
         """Count a child process's CPU time and peak memory into the task's resources."""
-        with self._children_lock:
+        with _CHILD_USAGE_LOCK:
             self.children_cpu_time_ms += cpu_time_ms
             self.children_memory_peak_mb = max(self.children_memory_peak_mb, memory_peak_mb)
 
@@ -116,6 +114,10 @@ class TaskContext:
     def stopping(self) -> bool:
         """True once the worker was asked to stop: long work may wrap up."""
         return self._stop.is_set()
+
+
+# One lock for all tasks: adding a child's usage is rare, making a lock per task is not.
+_CHILD_USAGE_LOCK = threading.Lock()
 
 
 def _clamped(percent: float) -> float:

@@ -12,12 +12,21 @@ Publishes are confirmed by the broker, but not waited for one by one: the
 link numbers them as the broker does and marks each Outgoing when its confirm
 (or nack, or return) arrives. Waiting for every confirm before taking the next
 message would make each message cost a full broker round trip.
+
+In a cluster the link tries the nodes in an order shuffled per worker
+(`node_order`) and moves on to the next one whenever a connection is lost.
+The topology is declared (or, where the operator owns it, only checked) on a
+channel of its own, so a refusal costs that channel only: a queue declared
+differently is a TopologyMismatch (no retry helps); a queue that is missing
+or whose node is down leaves the connection up (heartbeats and results keep
+flowing) and is checked again every TOPOLOGY_RETRY_S until we can consume.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import ssl
 import threading
 import time
@@ -26,6 +35,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 import pika
 import pika.exceptions
@@ -33,8 +43,16 @@ from pika.adapters.blocking_connection import BlockingChannel, BlockingConnectio
 from pika.spec import Basic, BasicProperties
 
 from chiffon_worker.config import TlsFiles, redact_url
-from chiffon_worker.errors import BrokerAuthError, BrokerUnavailable, ConnectionLost, PublishFailed
-from chiffon_worker.topology import BROADCAST_EXCHANGE, Topology
+from chiffon_worker.errors import (
+    BrokerAuthError,
+    BrokerUnavailable,
+    ChiffonError,
+    ConnectionLost,
+    PublishFailed,
+    TopologyMismatch,
+    TopologyUnavailable,
+)
+from chiffon_worker.topology import BROADCAST_EXCHANGE, Refusal, Topology, read_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +60,10 @@ CONTENT_TYPE = "application/json"
 # How long to wait before consuming the control queue again after the broker
 # refused our exclusive consumer (someone else holds it).
 CONTROL_RETRY_S = 10.0
+# How often a queue we cannot use (missing, or its node down) is checked again:
+# slow, because an operator or a node restart has to act first, and every
+# check is a line in the log.
+TOPOLOGY_RETRY_S = 10.0
 # The longest a graceful close waits for the broker's Close-Ok.
 CLOSE_WAIT_SECONDS = 2.0
 PERSISTENT = 2
@@ -206,7 +228,28 @@ def _certificate_refused(exc: BaseException) -> bool:
     return "CERTIFICATE_VERIFY_FAILED" in repr(exc)
 
 
+def node_order(urls: list[str], seed: str | None) -> list[str]:
+    """The order this worker tries the broker's nodes in: shuffled per worker.
+
+    Seeded with the worker's agent_id, so a fleet with the same URL list
+    spreads evenly over the nodes instead of all landing on the first, and
+    one worker keeps its order across restarts (predictable, testable).
+    Without a seed the order is shuffled per process.
+    """
+    order = list(urls)
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def node_address(url: str) -> str:
+    """host:port of a broker URL, as log lines name a node."""
+    parts = urlsplit(url)
+    port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+    return f"{parts.hostname or 'localhost'}:{port}"
+
+
 def declare(channel: BlockingChannel, topology: Topology) -> None:
+    """Everything of `topology`, declared (RequestClient's way: it owns nothing to check)."""
     for exchange in topology.exchanges:
         channel.exchange_declare(
             exchange=exchange.name, exchange_type=exchange.kind, durable=exchange.durable
@@ -217,6 +260,93 @@ def declare(channel: BlockingChannel, topology: Topology) -> None:
         channel.queue_bind(
             queue=binding.queue, exchange=binding.exchange, routing_key=binding.routing_key
         )
+
+
+def prepare_shared(channel: BlockingChannel, topology: Topology) -> None:
+    """Declare the shared queues and exchanges, or only check them if the operator owns them.
+
+    A passive declare that finds nothing closes the channel (404), so the
+    first missing one ends the check: it is the one named.
+    """
+    if not topology.declare_shared:
+        for name in topology.used_queues():
+            channel.queue_declare(queue=name, passive=True)
+        return
+    for exchange in topology.exchanges:
+        channel.exchange_declare(
+            exchange=exchange.name, exchange_type=exchange.kind, durable=exchange.durable
+        )
+    for queue in topology.shared_queues():
+        channel.queue_declare(queue=queue.name, durable=queue.durable, arguments=queue.arguments)
+    for binding in topology.shared_bindings():
+        channel.queue_bind(
+            queue=binding.queue, exchange=binding.exchange, routing_key=binding.routing_key
+        )
+
+
+def declare_control(channel: BlockingChannel, topology: Topology) -> None:
+    """Our own control queue: always declared (it is per worker, nobody else's to make)."""
+    control = topology.control()
+    if control is None:
+        return
+    queue, binding = control
+    if not topology.declare_shared:
+        # Where the operator owns broadcast_exchange we only look for it, so a
+        # missing one is named as such, not as a failed bind.
+        channel.exchange_declare(exchange=BROADCAST_EXCHANGE, passive=True)
+    channel.queue_declare(queue=queue.name, durable=queue.durable, arguments=queue.arguments)
+    channel.queue_bind(
+        queue=binding.queue, exchange=binding.exchange, routing_key=binding.routing_key
+    )
+
+
+def refusal_error(reply_text: str) -> ChiffonError:
+    """What a broker's refusal of a declare or check means for us (see topology.Refusal)."""
+    refusal = read_refusal(reply_text)
+    if refusal is None:
+        return ConnectionLost(f"declaring the topology: channel closed by broker: {reply_text}")
+    fields = {refusal.kind: refusal.name, "broker_says": reply_text}
+    if refusal.reason == "mismatch":
+        fields.update(argument=refusal.argument, ours=refusal.ours, broker_has=refusal.theirs)
+        return TopologyMismatch(_mismatch_text(refusal), fields)
+    fields["reason"] = refusal.reason
+    fields["what_to_do"] = _unavailable_advice(refusal)
+    return TopologyUnavailable(f"{refusal.kind} {refusal.name!r} unavailable: {reply_text}", fields)
+
+
+def _mismatch_text(refusal: Refusal) -> str:
+    return (
+        f"{refusal.kind} {refusal.name!r} exists with {refusal.argument}={refusal.theirs}, "
+        f"we declare {refusal.argument}={refusal.ours}: align the declarations "
+        "(PROTOCOL.md) or set CHIFFON_DECLARE_TOPOLOGY=false to use the queues as declared"
+    )
+
+
+def _unavailable_advice(refusal: Refusal) -> str:
+    if refusal.reason == "node down":
+        return (
+            f"a classic queue lives on one node ({refusal.node}): it is back when that node "
+            "is; a quorum queue survives the loss of a node"
+        )
+    return (
+        f"declare the {refusal.kind} (with CHIFFON_DECLARE_TOPOLOGY=false the operator "
+        "declares every shared queue and exchange), or set CHIFFON_DECLARE_TOPOLOGY=true"
+    )
+
+
+class _preparing:  # noqa: N801 - reads as the context manager it is
+    """Around a declare or check: the broker's refusal becomes one of our errors."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, _trace: object
+    ) -> None:
+        if isinstance(exc, pika.exceptions.ChannelClosedByBroker):
+            raise refusal_error(exc.reply_text) from None
+        if isinstance(exc, pika.exceptions.AMQPError | OSError):
+            raise ConnectionLost(f"declaring the topology: {exc!r}") from None
 
 
 def _properties(message: Outgoing, reply_to: str | None = None) -> BasicProperties:
@@ -277,8 +407,9 @@ class BrokerLink:
         on_confirmed: Callable[[], None] = lambda: None,
         on_control: DeliveryHandler | None = None,
         tls: TlsFiles | None = None,
+        seed: str | None = None,
     ) -> None:
-        self._urls = urls
+        self._urls = node_order(urls, seed)
         self._tls = tls
         self._next_url = 0
         self._topology = topology
@@ -293,6 +424,14 @@ class BrokerLink:
         # exclusive consumer (another worker with our agent_id) costs only it.
         self._control_channel: BlockingChannel | None = None
         self._control_retry_at: float | None = None
+        # Consuming a server-named queue bound to broadcast_exchange while our
+        # control queue's node is down: commands sent meanwhile still reach us.
+        self._control_stand_in = False
+        # The shared topology was declared (or found) on this connection; until
+        # then consuming waits, and it is tried again at _topology_retry_at.
+        self.topology_ready = False
+        self._topology_retry_at: float | None = None
+        self._consume_when_ready = False
         self._connection: BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
         self._consumer_tag: str | None = None
@@ -305,6 +444,7 @@ class BrokerLink:
         # Guards _connection against a swap while another thread hands over a callback.
         self._swap_lock = threading.Lock()
         self.current_url = ""
+        self.current_node = ""
         # The broker blocked this connection (a memory or disk alarm): it reads
         # nothing we send until it unblocks us, so no call may wait for an answer.
         self.blocked = False
@@ -316,7 +456,11 @@ class BrokerLink:
     # -- connection lifecycle -------------------------------------------------
 
     def connect(self) -> None:
-        """Try the next node in turn; declare the topology; raise if that fails."""
+        """Try the next node in turn; declare the topology; raise if that fails.
+
+        A queue that is missing or on a node that is down does not fail the
+        connection (see the module docstring); a mismatch does, for good.
+        """
         url = self._urls[self._next_url % len(self._urls)]
         self._next_url += 1
         connection = open_connection(url, self._heartbeat, self._blocked_timeout, self._tls)
@@ -328,7 +472,6 @@ class BrokerLink:
                 # Its Qos-Ok comes after the Select-Ok (one channel answers in
                 # order), so confirm mode is on once this returns.
                 channel.basic_qos(prefetch_count=self._prefetch)
-                declare(channel, self._topology)
                 channel.add_on_cancel_callback(self._broker_cancelled)
                 # On the I/O loop itself, not BlockingConnection's dispatch: it
                 # must be seen while inline work runs inside pika's callback
@@ -340,19 +483,53 @@ class BrokerLink:
                 impl.add_on_connection_unblocked_callback(
                     lambda _impl, _frame: self._unblocked(generation)
                 )
-        except ConnectionLost:
+            ready = self._prepare(connection)
+        except (ConnectionLost, TopologyMismatch):
             _close_quietly(connection)
             raise
         with self._swap_lock:
             self._connection = connection
             self._channel = channel
             self._generation = generation
+        self.topology_ready = ready
+        self._consume_when_ready = False
         _watch_for_silence(connection, 2.0 * float(connection._impl.params.heartbeat or 0))
         self._consumer_tag = None
         self._consume_when_unblocked = False
         self.blocked = False
         self.current_url = redact_url(url)
+        self.current_node = node_address(url)
         self._start_control()
+
+    def _prepare(self, connection: BlockingConnection) -> bool:
+        """The shared topology, on a channel of its own; False while a queue is unavailable."""
+        try:
+            with _preparing():
+                channel = connection.channel()
+                prepare_shared(channel, self._topology)
+                channel.close()
+        except TopologyUnavailable as exc:
+            self._topology_retry_at = time.monotonic() + TOPOLOGY_RETRY_S
+            logger.error(
+                "queue unavailable: not consuming until it is back",
+                extra={**exc.fields, "retry_in_s": TOPOLOGY_RETRY_S},
+            )
+            return False
+        self._topology_retry_at = None
+        return True
+
+    def _retry_topology(self) -> None:
+        """Check again on the live connection; consume once the work queue is back."""
+        connection = self._connection
+        if connection is None or self.blocked:  # opening a channel waits for an answer
+            return
+        if not self._prepare(connection):
+            return
+        logger.info("queue available again", extra={"queue": self._topology.work_queue})
+        self.topology_ready = True
+        if self._consume_when_ready:
+            self._consume_when_ready = False
+            self.start_consuming()
 
     @property
     def is_open(self) -> bool:
@@ -361,7 +538,11 @@ class BrokerLink:
 
     @property
     def consuming(self) -> bool:
-        return self._consumer_tag is not None or self._consume_when_unblocked
+        return (
+            self._consumer_tag is not None
+            or self._consume_when_unblocked
+            or self._consume_when_ready
+        )
 
     def _detach(self) -> BlockingConnection | None:
         """Forget the current connection (under the lock other threads look through)."""
@@ -374,6 +555,10 @@ class BrokerLink:
         self.blocked = False
         self._control_channel = None
         self._control_retry_at = None
+        self._control_stand_in = False
+        self.topology_ready = False
+        self._topology_retry_at = None
+        self._consume_when_ready = False
         # Never confirmed, so to be published again on the next channel, which
         # numbers its publishes from 1 again (a settle the old one had
         # scheduled never runs).
@@ -413,6 +598,10 @@ class BrokerLink:
         if self._consumer_tag is not None:
             return
         channel = self._require_channel()
+        if not self.topology_ready:
+            # The work queue is missing or its node is down: consume once it is back.
+            self._consume_when_ready = True
+            return
         if self.blocked:
             # Consume-Ok would not come before the alarm clears: the broker
             # reads nothing of ours meanwhile, so nothing is lost by waiting.
@@ -438,6 +627,7 @@ class BrokerLink:
         pika (requeued).
         """
         self._consume_when_unblocked = False
+        self._consume_when_ready = False
         tag, self._consumer_tag = self._consumer_tag, None
         channel = self._channel
         if tag is None or channel is None:
@@ -460,7 +650,7 @@ class BrokerLink:
     # -- the control queue ----------------------------------------------------
 
     def _start_control(self) -> None:
-        """Consume our control queue, exclusively, on its own channel."""
+        """Declare and consume our control queue, exclusively, on its own channel."""
         queue = self._topology.control_queue
         connection = self._connection
         if queue is None or self._on_control is None or connection is None:
@@ -472,6 +662,7 @@ class BrokerLink:
         generation = self._generation
         try:
             channel = connection.channel()
+            declare_control(channel, self._topology)
             channel.add_on_cancel_callback(lambda _frame: self._control_lost("cancelled"))
             channel.basic_consume(
                 queue=queue,
@@ -484,21 +675,73 @@ class BrokerLink:
                 exclusive=True,
             )
         except pika.exceptions.ChannelClosedByBroker as exc:
+            self._control_retry_at = time.monotonic() + CONTROL_RETRY_S
+            self._control_refused(connection, queue, exc.reply_text)
+            return
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            raise ConnectionLost(f"control channel: {exc!r}") from None
+        self._end_stand_in()
+        self._control_channel = channel
+
+    def _control_refused(self, connection: BlockingConnection, queue: str, reply_text: str) -> None:
+        error = refusal_error(reply_text)
+        if isinstance(error, ConnectionLost):  # not about the queue: its consumer
             logger.error(
                 "control queue in use by another consumer: another worker may have our "
                 "agent_id (set CHIFFON_AGENT_ID per worker), or the broker has not yet "
                 "noticed our previous connection closing; retrying",
-                extra={"queue": queue, "reason": exc.reply_text, "retry_in_s": CONTROL_RETRY_S},
+                extra={"queue": queue, "reason": reply_text, "retry_in_s": CONTROL_RETRY_S},
             )
-            self._control_retry_at = time.monotonic() + CONTROL_RETRY_S
             return
+        fields = getattr(error, "fields", {})
+        logger.error(
+            "control queue unavailable: commands reach us through a stand-in queue meanwhile",
+            extra={**fields, "retry_in_s": CONTROL_RETRY_S},
+        )
+        if not self._control_stand_in:
+            self._consume_stand_in(connection)
+
+    def _consume_stand_in(self, connection: BlockingConnection) -> None:
+        """A server-named queue on this node, bound to broadcast_exchange, while ours is away.
+
+        Commands are fanned out to every bound queue, so new ones reach us
+        here; those that waited in our own queue come when it is back (a
+        command seen twice is answered once: the desk remembers command ids).
+        """
+        generation = self._generation
+        try:
+            channel = connection.channel()
+            declared = channel.queue_declare(queue="", exclusive=True, auto_delete=True)
+            name = str(declared.method.queue)
+            channel.queue_bind(queue=name, exchange=BROADCAST_EXCHANGE)
+            channel.basic_consume(
+                queue=name,
+                on_message_callback=lambda _ch, method, props, body: self._command(
+                    generation, method, props, body
+                ),
+                auto_ack=False,
+            )
+        except pika.exceptions.ChannelClosedByBroker:
+            return  # broadcast_exchange itself is missing: said already, retried with ours
         except (pika.exceptions.AMQPError, OSError) as exc:
             raise ConnectionLost(f"control channel: {exc!r}") from None
         self._control_channel = channel
+        self._control_stand_in = True
+
+    def _end_stand_in(self) -> None:
+        channel, stand_in = self._control_channel, self._control_stand_in
+        self._control_stand_in = False
+        if stand_in and channel is not None:
+            logger.info(
+                "control queue available again", extra={"queue": self._topology.control_queue}
+            )
+            with contextlib.suppress(pika.exceptions.AMQPError, OSError):
+                channel.close()  # its queue is deleted with its consumer
 
     def _control_lost(self, why: str) -> None:
         logger.warning("control consumer lost, consuming again", extra={"reason": why})
         self._control_channel = None
+        self._control_stand_in = False
         self._control_retry_at = time.monotonic() + 1.0
 
     def _command(
@@ -675,6 +918,8 @@ class BrokerLink:
             return
         if self._consume_when_unblocked and not self.blocked:
             self.start_consuming()
+        if self._topology_retry_at is not None and time.monotonic() >= self._topology_retry_at:
+            self._retry_topology()
         control = self._control_channel
         if control is not None and control._pending_events:
             self._take_undispatched_commands(control)

@@ -45,6 +45,31 @@ class ConnectionLost(ChiffonError):
     exit_code = EXIT_UNAVAILABLE
 
 
+class TopologyMismatch(ChiffonError):
+    """A queue or exchange exists with other arguments than ours: no retry helps.
+
+    Exits 78 like a configuration error: either the declarations are aligned
+    or the worker is told not to declare (CHIFFON_DECLARE_TOPOLOGY=false).
+    `fields` name the queue, the argument and both values for the log line.
+    """
+
+    exit_code = EXIT_CONFIG
+
+    def __init__(self, message: str, fields: dict[str, str]) -> None:
+        super().__init__(message)
+        self.fields = fields
+
+
+class TopologyUnavailable(ChiffonError):
+    """A queue or exchange we need is missing, or its node is down: checked again later."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+    def __init__(self, message: str, fields: dict[str, str]) -> None:
+        super().__init__(message)
+        self.fields = fields
+
+
 class PublishFailed(ChiffonError):
     """The broker did not confirm a message (nacked or unroutable)."""
 

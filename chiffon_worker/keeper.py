@@ -5,6 +5,10 @@ at a time, so a reconnect happens on whichever thread serves the connection
 at that moment, the rescue thread included. Never blocks longer than a turn
 between attempts. An outage is logged as events: one line when it starts,
 one per failed attempt (with the backoff), one when it is over.
+
+Some refusals are not outages and are not retried: credentials, vhost and
+TLS (exit 77), and a queue or exchange declared differently from ours
+(exit 78, see amqp.refusal_error). Each is one error line saying what to do.
 """
 
 from __future__ import annotations
@@ -14,8 +18,14 @@ import random
 import time
 from collections.abc import Callable
 
-from chiffon_worker.amqp import BrokerLink
-from chiffon_worker.errors import BrokerAuthError, BrokerUnavailable, ConnectionLost
+from chiffon_worker.amqp import BrokerLink, node_address
+from chiffon_worker.errors import (
+    BrokerAuthError,
+    BrokerUnavailable,
+    ChiffonError,
+    ConnectionLost,
+    TopologyMismatch,
+)
 from chiffon_worker.sdnotify import SystemdNotifier
 
 logger = logging.getLogger(__name__)
@@ -69,8 +79,9 @@ class LinkKeeper:
         self._up_since = self._down_since
         self._connections = 0
         self.up = False
-        # Set when the broker refused us (credentials, vhost, TLS): no retry helps.
-        self.refused: BrokerAuthError | None = None
+        # Set when the broker refused us (credentials, vhost, TLS, a topology
+        # mismatch): no retry helps; the stop sequence exits with its code.
+        self.refused: ChiffonError | None = None
 
     @property
     def connections(self) -> int:
@@ -82,6 +93,9 @@ class LinkKeeper:
             try:
                 self._link.process(timeout)
             except ConnectionLost as exc:
+                self.lost(str(exc))
+            except TopologyMismatch as exc:  # redeclared under us while we were connected
+                self._mismatch(exc)
                 self.lost(str(exc))
             return
         if self.refused is not None:
@@ -122,6 +136,9 @@ class LinkKeeper:
             )
             self.refused = exc
             return
+        except TopologyMismatch as exc:
+            self._mismatch(exc)
+            return
         except (BrokerUnavailable, ConnectionLost) as exc:
             delay = self._backoff.next_delay()
             self._next_attempt = time.monotonic() + delay
@@ -138,7 +155,10 @@ class LinkKeeper:
         self.up = True
         self._up_since = time.monotonic()
         self._connections += 1
-        extra: dict[str, object] = {"url": self._link.current_url}
+        extra: dict[str, object] = {
+            "node": node_address(self._link.current_url),
+            "url": self._link.current_url,
+        }
         if self._connections > 1:
             extra["outage_s"] = round(time.monotonic() - self._down_since, 2)
         logger.info("connected to broker", extra=extra)
@@ -146,6 +166,14 @@ class LinkKeeper:
             self._on_connected()
         except ConnectionLost as exc:
             self.lost(str(exc))
+
+    def _mismatch(self, exc: TopologyMismatch) -> None:
+        logger.error(
+            "topology mismatch: a queue or exchange on the broker is declared differently "
+            "from ours; align the declarations or set CHIFFON_DECLARE_TOPOLOGY=false",
+            extra={**exc.fields, "detail": str(exc)},
+        )
+        self.refused = exc
 
 
 def _explain_loss(reason: str) -> None:

@@ -95,7 +95,10 @@ class WorkerService:
         self._link = BrokerLink(
             settings.broker_urls(),
             chiffon_topology(
-                settings.work_queue, settings.reply_queue, control_queue_name(self.agent_id)
+                settings.work_queue,
+                settings.reply_queue,
+                control_queue_name(self.agent_id),
+                declare_shared=settings.declare_topology,
             ),
             prefetch=settings.prefetch,
             heartbeat=settings.amqp_heartbeat,
@@ -105,6 +108,8 @@ class WorkerService:
             on_confirmed=self._on_confirmed,
             on_control=self._on_command,
             tls=settings.tls_files(),
+            # Nodes in an order of this worker's own, so a fleet spreads over a cluster.
+            seed=str(self.agent_id),
         )
         self._mailbox = Mailbox(self._link.call_threadsafe)
         self._stats = make_stats(settings.metrics_port, settings.metrics_host)

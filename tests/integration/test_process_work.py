@@ -18,6 +18,7 @@ import pytest
 
 from chiffon_worker.ctl import ControlClient
 from tests.helpers.broker import Orchestrator, Vhost, work_request
+from tests.helpers.leftovers import processes_with, sleep_token, wait_logged
 from tests.helpers.process import WorkerProcess
 
 pytestmark = pytest.mark.integration
@@ -26,23 +27,7 @@ Spawn = Callable[..., WorkerProcess]
 WORKER = "tests.helpers.process_workers:CommandWorker"
 # A child tree like ansible's: a grandchild in a session of its own that
 # ignores SIGTERM, under a shell that obeys it.
-STUBBORN_TREE = "setsid sh -c 'trap \"\" TERM; sleep 120 # {token}' & sleep 120 # {token}"
-
-
-def processes_with(token: str) -> list[int]:
-    return [
-        proc.pid
-        for proc in psutil.process_iter(["cmdline"])
-        if token in " ".join(proc.info["cmdline"] or [])
-    ]
-
-
-def logged(worker: WorkerProcess, message: str) -> list[dict[str, Any]]:
-    return [r for r in worker.records() if r.get("message") == message]
-
-
-def wait_logged(orchestrator: Orchestrator, worker: WorkerProcess, message: str) -> None:
-    orchestrator.wait_until(lambda: bool(logged(worker, message)), 20, repr(message))
+STUBBORN_TREE = "setsid sh -c 'trap \"\" TERM; sleep 120 {token}' & sleep 120 {token}"
 
 
 def start_worker(spawn: Spawn, orchestrator: Orchestrator, **settings: object) -> WorkerProcess:
@@ -65,7 +50,7 @@ def test_a_time_limit_kills_the_tree_answers_5001_and_leaves_no_thread(
 ) -> None:
     worker = start_worker(spawn, orchestrator, kill_grace=1)
     threads_idle = psutil.Process(worker.pid).num_threads()
-    token = uuid.uuid4().hex
+    token = sleep_token()
     request = command(token, max_duration_seconds=2)
 
     orchestrator.publish(request)
@@ -92,8 +77,8 @@ def test_a_cancel_command_ends_the_tree_and_answers_cancelled(
     agent_id = str(uuid.uuid4())
     grace = 1.0
     worker = start_worker(spawn, orchestrator, kill_grace=grace, agent_id=agent_id)
-    token = uuid.uuid4().hex
-    request = command(token, "sleep 120 # {token}" if obeys_sigterm else STUBBORN_TREE)
+    token = sleep_token()
+    request = command(token, "sleep 120 {token}" if obeys_sigterm else STUBBORN_TREE)
     orchestrator.publish(request)
     wait_logged(orchestrator, worker, "process started")
     orchestrator.wait_until(lambda: len(processes_with(token)) >= 1, 10, "the child to run")
@@ -109,7 +94,8 @@ def test_a_cancel_command_ends_the_tree_and_answers_cancelled(
 
     assert orchestrator.wait_for_result(request)["payload"]["status"] == "cancelled"
     assert latency < (1.0 if obeys_sigterm else 2.0 + grace)
-    print(f"\ncancel → last process gone ({'obeys' if obeys_sigterm else 'ignores'}): {latency:.2f} s")
+    kind = "obeys" if obeys_sigterm else "ignores"
+    print(f"\ncancel → last process gone ({kind} SIGTERM): {latency:.2f} s")
 
 
 @pytest.mark.parametrize("on_thread", [False, True], ids=["inline", "work-thread"])
@@ -117,7 +103,7 @@ def test_a_stop_past_the_shutdown_timeout_kills_the_tree_and_says_why(
     spawn: Spawn, orchestrator: Orchestrator, on_thread: bool
 ) -> None:
     worker = start_worker(spawn, orchestrator, kill_grace=1, shutdown_timeout=1)
-    token = uuid.uuid4().hex
+    token = sleep_token()
     # A time limit sends the work to a work thread; without one it runs inline.
     request = command(token, **({"max_duration_seconds": 600} if on_thread else {}))
     orchestrator.publish(request)

@@ -96,11 +96,8 @@ def test_a_time_limit_kills_ansible_and_its_setsid_children(
     assert "5001" in result["error_message"]
     assert processes_with(token) == []
     assert gone < LIMIT_S + GRACE_S + 3, f"the tree lived {gone:.1f} s"
-    # Only the connection thread, heartbeats, the pool's one work thread, the rescuer.
-    threads = {t.id for t in psutil.Process(worker.pid).threads()}
+    # (That no work thread is left behind is shown by test_process_work.py.)
     serves_the_next_request(orchestrator, playbook_dir)
-    assert {t.id for t in psutil.Process(worker.pid).threads()} >= threads
-    assert len(psutil.Process(worker.pid).threads()) <= len(threads)
     print(f"\ntime limit {LIMIT_S} s: answered after {answered:.2f} s, tree gone at {gone:.2f} s")
 
 

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format run-agent bench bench-quick soak test-slow dist clean install-systemd
+.PHONY: install test lint format run-agent bench bench-quick soak test-slow test-cluster dist clean install-systemd
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ soak: install
 
 test-slow: install
 	$(BIN)/pytest -m slow -p no:cacheprovider tests/integration
+
+# Starts three private RabbitMQ nodes as one cluster (about 20 s), then stops
+# nodes under load: a few minutes, so not in `make test`.
+test-cluster: install
+	$(BIN)/pytest -m cluster -p no:cacheprovider tests/cluster
 
 dist: install
 	rm -rf dist

@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pika
-from pika.adapters.blocking_connection import BlockingChannel
+from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
 from chiffon_worker.topology import chiffon_topology
 
@@ -146,6 +146,23 @@ def is_result(message: dict[str, Any]) -> bool:
     return message.get("type") == "work_result"
 
 
+def service_until(
+    connection: BlockingConnection,
+    condition: Callable[[], bool],
+    timeout: float,
+    what: str,
+    step: float = 0.2,
+) -> None:
+    """Service `connection` (its consumers run) until `condition()` holds, checked at least
+    every `step` s; AssertionError naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        connection.process_data_events(time_limit=min(left, step))
+
+
 class Orchestrator:
     """Publishes requests and watches queues, the way the real orchestrator would."""
 
@@ -199,12 +216,7 @@ class Orchestrator:
         self, condition: Callable[[], bool], timeout: float, what: str = "condition"
     ) -> None:
         """Service the connection until `condition()` holds; fail after `timeout` s."""
-        deadline = time.monotonic() + timeout
-        while not condition():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-            self.connection.process_data_events(time_limit=min(left, 0.2))
+        service_until(self.connection, condition, timeout, what)
 
     def results(self, queue: str = "reply_queue") -> list[dict[str, Any]]:
         return [m for m in self.received.get(queue, []) if is_result(m)]
@@ -239,3 +251,9 @@ class Orchestrator:
     def close(self) -> None:
         if self.connection.is_open:
             self.connection.close()
+
+    def __enter__(self) -> Orchestrator:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()

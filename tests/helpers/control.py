@@ -1,8 +1,9 @@
 """A test-side control command sender: commands out on broadcast_exchange, answers in.
 
-Built on its own, from PROTOCOL.md ("Extension: control commands") and the
-protocol models, not from the operator CLI, so a test of the worker's side
-does not lean on the code that talks to it in production.
+Commands are built by the operator CLI's own chiffon_worker.ctl.build_command,
+whose wire format tests/unit/test_ctl.py pins to PROTOCOL.md ("Extension:
+control commands"). Answers are kept as they arrived (raw JSON, not through
+ctl.parse_answer), so a test of the worker's side reads what the worker wrote.
 
 sender = ControlSender(orchestrator.connection)   # a channel on that connection
 ping = sender.send("ping")
@@ -21,18 +22,18 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
-from chiffon_worker.protocol import WorkRequest, encode, make_envelope
+from chiffon_worker.ctl import COMMAND_TTL_S, build_command
 from chiffon_worker.topology import BROADCAST_EXCHANGE
+from tests.helpers.broker import service_until
 
-CONTROL_WORK_TYPE = "x_control"
 # PROTOCOL.md: commands are not persistent and go stale after about a minute.
-EXPIRATION_MS = "60000"
+EXPIRATION_MS = str(int(COMMAND_TTL_S * 1000))
 
 
 @dataclass(frozen=True)
@@ -73,40 +74,6 @@ class Answer:
         return self.received_at - sent.sent_at
 
 
-def command_body(
-    command: str,
-    parameters: dict[str, Any] | None = None,
-    *,
-    command_id: uuid.UUID | None = None,
-    to_agent: str = "infra",
-    agent_ids: list[str] | None = None,
-    expires_at: datetime | None = None,
-) -> bytes:
-    """A control command as PROTOCOL.md spells it: a 1.0 work_request of work type x_control.
-
-    `parameters` are the command's own (cancel: task_id or request_id, reason).
-    """
-    request = WorkRequest(
-        task_id=command_id or uuid.uuid4(),
-        work_type=CONTROL_WORK_TYPE,
-        parameters={"command": command, **(parameters or {})},
-    )
-    envelope = make_envelope(
-        request,
-        from_agent="orchestrator",
-        to_agent=to_agent,
-        trace_id=uuid.uuid4(),
-        request_id=uuid.uuid4(),
-    )
-    control: dict[str, Any] = {
-        "expires_at": (expires_at or datetime.now(UTC) + timedelta(seconds=60)).isoformat()
-    }
-    if agent_ids is not None:
-        control["agent_ids"] = agent_ids
-    envelope.x_custom_fields["x_control"] = control
-    return encode(envelope)
-
-
 class ControlSender:
     """Publishes commands to broadcast_exchange and collects the answers to its own queue."""
 
@@ -131,22 +98,16 @@ class ControlSender:
         command: str,
         *,
         agent_ids: list[str] | None = None,
-        expires_at: datetime | None = None,
-        to_agent: str = "infra",
+        now: datetime | None = None,
         **parameters: Any,
     ) -> Sent:
-        """Publish one command (ping, pause, resume, cancel with task_id/request_id)."""
-        command_id = uuid.uuid4()
-        body = command_body(
-            command,
-            parameters,
-            command_id=command_id,
-            to_agent=to_agent,
-            agent_ids=agent_ids,
-            expires_at=expires_at,
+        """Publish one command (ping, pause, resume, cancel with task_id/request_id) to
+        infra workers; `now`: when it claims to be made (it expires a minute later)."""
+        message = build_command(
+            command, agent_type="infra", agent_ids=agent_ids, parameters=parameters, now=now
         )
-        sent = Sent(str(command_id), command, time.monotonic())
-        self.publish_raw(body, correlation_id=sent.command_id)
+        sent = Sent(str(message.id), command, time.monotonic())
+        self.publish_raw(message.body, correlation_id=sent.command_id)
         return sent
 
     def publish_raw(self, body: bytes, correlation_id: str | None = None) -> None:
@@ -168,12 +129,7 @@ class ControlSender:
 
     def wait_until(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
         """Service the connection until `condition()` holds; fail after `timeout` s."""
-        deadline = time.monotonic() + timeout
-        while not condition():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-            self.connection.process_data_events(time_limit=min(left, 0.05))
+        service_until(self.connection, condition, timeout, what, step=0.05)
 
     def serve_until(self, moment: float) -> None:
         """Service the connection until time.monotonic() reaches `moment` (pacing, not waiting)."""

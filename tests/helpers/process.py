@@ -85,6 +85,28 @@ class WorkerProcess:
         return [r.get("message", r.get("raw", "")) for r in self.records()]
 
 
+class Launcher:
+    """Starts worker processes logging under `log_dir`; leaving the `with` kills what is left."""
+
+    def __init__(self, log_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.log_dir = log_dir
+        self.env = env or {}  # added to every process's environment
+        self.started: list[WorkerProcess] = []
+
+    def start(self, url: str, name: str = "worker", **settings: Any) -> WorkerProcess:
+        process = WorkerProcess(url, self.log_dir / f"{name}.log", **settings)
+        process.env.update(self.env)
+        self.started.append(process.start())
+        return process
+
+    def __enter__(self) -> Launcher:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for process in self.started:
+            process.kill()
+
+
 class InProcessWorker:
     """Serve a worker object on a thread of the test process (no signals there)."""
 

@@ -5,6 +5,7 @@ With CI=true a missing broker fails the run; on a laptop it skips.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,8 +14,9 @@ import pytest
 from chiffon_worker.config import Settings
 from tests.helpers.broker import Orchestrator, Vhost, VhostPool, broker_reachable
 from tests.helpers.ci import missing
-from tests.helpers.process import WorkerProcess
+from tests.helpers.process import Launcher, WorkerProcess
 from tests.helpers.proxy import TcpProxy
+from tests.helpers.watchdog import NotifyListener
 
 pytestmark = pytest.mark.integration
 
@@ -28,11 +30,8 @@ def broker() -> None:
 
 @pytest.fixture(scope="session")
 def vhost_pool(broker: None) -> Iterator[VhostPool]:
-    pool = VhostPool()
-    try:
+    with contextlib.closing(VhostPool()) as pool:
         yield pool
-    finally:
-        pool.close()
 
 
 @pytest.fixture
@@ -42,23 +41,17 @@ def vhost(vhost_pool: VhostPool) -> Vhost:
 
 @pytest.fixture
 def orchestrator(vhost: Vhost) -> Iterator[Orchestrator]:
-    peer = Orchestrator(vhost.url())
-    peer.watch("reply_queue")
-    peer.watch("dlx_queue")
-    try:
+    with Orchestrator(vhost.url()) as peer:
+        peer.watch("reply_queue")
+        peer.watch("dlx_queue")
         yield peer
-    finally:
-        peer.close()
 
 
 @pytest.fixture
 def proxy(broker: None) -> Iterator[TcpProxy]:
     """A proxy in front of the broker that the test can cut, stall or close."""
-    front = TcpProxy()
-    try:
+    with contextlib.closing(TcpProxy()) as front:
         yield front
-    finally:
-        front.close()
 
 
 @pytest.fixture
@@ -70,15 +63,26 @@ def settings(vhost: Vhost) -> Settings:
 @pytest.fixture
 def spawn(vhost: Vhost, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     """Start `chiffon-worker run` processes on the vhost; all are killed after the test."""
-    started: list[WorkerProcess] = []
+    with Launcher(tmp_path) as launcher:
 
-    def start(name: str = "worker", url: str | None = None, **settings: object) -> WorkerProcess:
-        process = WorkerProcess(url or vhost.url(), tmp_path / f"{name}.log", **settings)
-        started.append(process.start())
-        return process
+        def start(
+            name: str = "worker", url: str | None = None, **settings: object
+        ) -> WorkerProcess:
+            return launcher.start(url or vhost.url(), name, **settings)
 
-    try:
         yield start
-    finally:
-        for process in started:
-            process.kill()
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[NotifyListener]:
+    """systemd's notify socket, played by the test (tests/helpers/watchdog.py)."""
+    with contextlib.closing(NotifyListener(tmp_path / "notify")) as listener:
+        yield listener
+
+
+@pytest.fixture
+def supervised(tmp_path: Path, notify: NotifyListener) -> Iterator[Callable[..., WorkerProcess]]:
+    """start(url, **settings): a worker process as a Type=notify unit with WatchdogSec=4 would
+    run it, pinging `notify`; all are killed after the test."""
+    with Launcher(tmp_path, env=notify.env) as launcher:
+        yield launcher.start

@@ -4,33 +4,28 @@ While a RabbitMQ alarm is on, the broker stops reading from every connection
 that publishes: a synchronous call (basic.consume, basic.cancel, the close
 handshake) is never answered. Alarms are node-wide, so these tests run their
 own node (tests/helpers/private_node.py), never the machine's broker. The
-test stands in for systemd as test_runtime_safety.py does: it binds
-NOTIFY_SOCKET and time-stamps every watchdog ping.
+test stands in for systemd (tests/helpers/watchdog.py, the `supervised`
+fixture): it binds NOTIFY_SOCKET and time-stamps every watchdog ping.
 """
 
 from __future__ import annotations
 
 import signal
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.helpers.broker import Orchestrator, work_request
-from tests.helpers.ci import missing
+from tests.helpers.nodes import running
 from tests.helpers.private_node import PrivateNode
 from tests.helpers.process import WorkerProcess
-from tests.helpers.tls_node import NodeUnavailable
-from tests.integration.test_runtime_safety import (
-    MAX_WATCHDOG_GAP_S,
-    WATCHDOG_USEC,
-    NotifyListener,
-)
+from tests.helpers.watchdog import MAX_WATCHDOG_GAP_S, NotifyListener, first_ping
 
-pytestmark = pytest.mark.integration
+# Slow (`make test-slow`): a node of its own to boot, and a stop and a blocked
+# timeout to sit through.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SHUTDOWN_TIMEOUT = 5
 # Exit within the shutdown timeout, plus the interpreter's own start-up of
@@ -41,16 +36,8 @@ BLOCKED = "broker blocked publishing (memory or disk alarm)"
 
 @pytest.fixture(scope="module")
 def node() -> Iterator[PrivateNode]:
-    with tempfile.TemporaryDirectory(prefix="chiffon-alarm-", ignore_cleanup_errors=True) as base:
-        private = PrivateNode(Path(base))
-        try:  # stopped whatever happens, a half-started node included
-            try:
-                private.start()
-            except NodeUnavailable as exc:
-                missing(f"cannot start a private RabbitMQ node: {exc}")
-            yield private
-        finally:
-            private.stop()
+    with running(PrivateNode, "chiffon-alarm-", "a private RabbitMQ node") as private:
+        yield private
 
 
 @pytest.fixture
@@ -64,40 +51,9 @@ def alarm(node: PrivateNode) -> Iterator[Callable[[], None]]:
 
 @pytest.fixture
 def orchestrator(node: PrivateNode) -> Iterator[Orchestrator]:
-    peer = Orchestrator(node.url())
-    peer.watch("reply_queue")
-    try:
+    with Orchestrator(node.url()) as peer:
+        peer.watch("reply_queue")
         yield peer
-    finally:
-        peer.close()
-
-
-@pytest.fixture
-def notify(tmp_path: Path) -> Iterator[NotifyListener]:
-    listener = NotifyListener(tmp_path / "notify")
-    try:
-        yield listener
-    finally:
-        listener.close()
-
-
-@pytest.fixture
-def supervised(tmp_path: Path, notify: NotifyListener) -> Iterator[Callable[..., WorkerProcess]]:
-    """A worker process as a Type=notify unit with WatchdogSec=4 would start it."""
-    started: list[WorkerProcess] = []
-
-    def start(url: str, **settings: object) -> WorkerProcess:
-        worker = WorkerProcess(url, tmp_path / "worker.log", **settings)
-        worker.env["NOTIFY_SOCKET"] = str(notify.path)
-        worker.env["WATCHDOG_USEC"] = str(WATCHDOG_USEC)
-        started.append(worker.start())
-        return worker
-
-    try:
-        yield start
-    finally:
-        for worker in started:
-            worker.kill()
 
 
 def _logged(worker: WorkerProcess, message: str) -> list[dict[str, Any]]:
@@ -125,8 +81,7 @@ def test_a_stop_during_a_broker_alarm_ends_within_the_shutdown_timeout_and_feeds
         shutdown_timeout=SHUTDOWN_TIMEOUT,
         blocked_connection_timeout=60,
     )
-    orchestrator.wait_until(lambda: bool(notify.pings()), 20, "the first watchdog ping")
-    watched_from = notify.pings()[0]
+    watched_from = first_ping(notify, orchestrator)
     # Long enough to be past the hold grace (the rescue thread cancels the
     # consumer) and to finish while blocked (its result cannot go out, and
     # consuming again needs basic.consume, which the blocked broker ignores).
@@ -169,8 +124,7 @@ def test_a_worker_blocked_past_the_blocked_timeout_reconnects_and_serves_after_t
     alarm: Callable[[], None],
 ) -> None:
     worker = supervised(node.url(), heartbeat_interval=1, blocked_connection_timeout=2)
-    orchestrator.wait_until(lambda: bool(notify.pings()), 20, "the first watchdog ping")
-    watched_from = notify.pings()[0]
+    watched_from = first_ping(notify, orchestrator)
     alarm()
     orchestrator.wait_until(
         lambda: any(

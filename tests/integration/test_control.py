@@ -1,8 +1,9 @@
 """Control commands against the real broker: ping, pause, resume and cancel.
 
 Commands go out as PROTOCOL.md's "Extension: control commands" spells them
-(tests/helpers/control.py builds them from the protocol models, not from the
-operator CLI); real `chiffon-worker run` processes answer. Each worker gets an
+(built by chiffon_worker.ctl.build_command, whose wire format
+tests/unit/test_ctl.py pins; tests/helpers/control.py sends them and keeps the
+answers raw); real `chiffon-worker run` processes answer. Each worker gets an
 agent id of its own (CHIFFON_AGENT_ID): otherwise workers on one host derive
 the same one and share a control queue.
 """
@@ -24,8 +25,9 @@ from urllib.parse import quote
 
 import pytest
 
+from chiffon_worker.ctl import build_command
 from tests.helpers.broker import Orchestrator, Vhost, work_request
-from tests.helpers.control import Answer, ControlSender, Sent, command_body
+from tests.helpers.control import Answer, ControlSender, Sent
 from tests.helpers.process import WorkerProcess
 from tests.helpers.proxy import TcpProxy
 
@@ -58,6 +60,20 @@ def _via(proxy: TcpProxy, vhost: Vhost) -> str:
     return proxy.url(quote(vhost.name, safe=""))
 
 
+@pytest.fixture
+def behind_proxy(
+    vhost: Vhost, orchestrator: Orchestrator, spawn: Spawn, proxy: TcpProxy
+) -> Callable[..., Worker]:
+    """start(**settings): one worker online through `proxy`, reconnecting within a second."""
+
+    def start(**settings: Any) -> Worker:
+        url = _via(proxy, vhost)
+        [worker] = _start(spawn, orchestrator, 1, url=url, reconnect_max_delay=1, **settings)
+        return worker
+
+    return start
+
+
 def _start(
     spawn: Spawn,
     orchestrator: Orchestrator,
@@ -87,8 +103,17 @@ def _ping(sender: ControlSender, agents: list[str], timeout: float = 2) -> dict[
     return {a.agent_id: a for a in answers}
 
 
-def _running_on(sender: ControlSender, request: Request, workers: list[Worker]) -> str:
-    """The agent id of the worker that is running `request` (pinged until one is)."""
+def _slow_task(
+    orchestrator: Orchestrator,
+    sender: ControlSender,
+    workers: list[Worker],
+    seconds: float,
+    message: str,
+) -> tuple[Request, str]:
+    """A slow_echo of `seconds`, published; once one of `workers` runs it: it, and that
+    worker's agent id (pinged until one runs it)."""
+    request = work_request("slow_echo", {"seconds": seconds, "message": message})
+    orchestrator.publish(request)
     task_id = request["payload"]["task_id"]
     agents = [w.agent_id for w in workers]
     found: list[str] = []
@@ -100,7 +125,7 @@ def _running_on(sender: ControlSender, request: Request, workers: list[Worker]) 
         return bool(found)
 
     sender.wait_until(started, 15, f"task {task_id} to start")
-    return found[0]
+    return request, found[0]
 
 
 def _publish_all(orchestrator: Orchestrator, count: int, message: str) -> list[Request]:
@@ -156,9 +181,7 @@ def test_ping_lists_every_worker_and_a_busy_one_answers_within_a_second(
         assert set(reply["work_types"]) >= {"echo", "slow_echo"}
         assert answer.message["payload"]["agent_type"] == "infra"
 
-    long_task = work_request("slow_echo", {"seconds": 15, "message": "long"})
-    orchestrator.publish(long_task)
-    busy = _running_on(sender, long_task, workers)
+    long_task, busy = _slow_task(orchestrator, sender, workers, 15, "long")
     ping = sender.send("ping")
     answers = sender.wait_for_answers(ping, 2, timeout=1)
     by_agent = {a.agent_id: a for a in answers}
@@ -222,13 +245,13 @@ def test_paused_worker_takes_no_requests_keeps_heartbeating_and_resume_brings_it
 
 
 def test_a_paused_worker_is_still_paused_after_its_connection_is_cut(
-    vhost: Vhost,
     orchestrator: Orchestrator,
     sender: ControlSender,
     spawn: Spawn,
     proxy: TcpProxy,
+    behind_proxy: Callable[..., Worker],
 ) -> None:
-    [paused] = _start(spawn, orchestrator, 1, url=_via(proxy, vhost), reconnect_max_delay=1)
+    paused = behind_proxy()
     [other] = _start(spawn, orchestrator, 1)
     [answer] = sender.ask("pause", agent_ids=[paused.agent_id])
     assert answer.outcome == "paused"
@@ -260,9 +283,7 @@ def test_cancel_answers_a_running_task_within_two_seconds_and_frees_the_worker(
 ) -> None:
     workers = _start(spawn, orchestrator, 1)
     for key in ("task_id", "request_id"):
-        task = work_request("slow_echo", {"seconds": 30, "message": f"cancel by {key}"})
-        orchestrator.publish(task)
-        _running_on(sender, task, workers)
+        task, _ = _slow_task(orchestrator, sender, workers, 30, f"cancel by {key}")
         target = task["payload"]["task_id"] if key == "task_id" else task["request_id"]
         cancel = sender.send("cancel", reason=f"operator said stop ({key})", **{key: target})
         result = orchestrator.wait_for_result(task, timeout=2)["payload"]
@@ -328,18 +349,15 @@ def test_cancel_before_arrival_answers_the_request_cancelled_without_running_it(
         assert not [r for r in _finished_runs(worker, request) if r["status"] == "completed"]
 
 
+@pytest.mark.slow  # `make test-slow`: an outage of five seconds
 def test_cancel_sent_while_the_worker_is_disconnected_is_applied_after_the_reconnect(
-    vhost: Vhost,
     orchestrator: Orchestrator,
     sender: ControlSender,
-    spawn: Spawn,
     proxy: TcpProxy,
+    behind_proxy: Callable[..., Worker],
 ) -> None:
-    workers = _start(spawn, orchestrator, 1, url=_via(proxy, vhost), reconnect_max_delay=1)
-    [worker] = workers
-    task = work_request("slow_echo", {"seconds": 30, "message": "cut off"})
-    orchestrator.publish(task)
-    _running_on(sender, task, workers)
+    worker = behind_proxy()
+    task, _ = _slow_task(orchestrator, sender, [worker], 30, "cut off")
 
     proxy.refuse()
     proxy.cut()
@@ -362,25 +380,20 @@ def test_cancel_sent_while_the_worker_is_disconnected_is_applied_after_the_recon
     print(f"\ncancel applied {answer.received_at - accepted_at:.2f} s after the proxy accepted")
 
 
+@pytest.mark.slow  # `make test-slow`: an outage of five seconds
 def test_cancel_sent_while_the_connection_is_stalled_is_applied_after_the_reconnect(
-    vhost: Vhost,
     orchestrator: Orchestrator,
     sender: ControlSender,
-    spawn: Spawn,
     proxy: TcpProxy,
+    behind_proxy: Callable[..., Worker],
 ) -> None:
     """A connection that goes silent (a partition, a dead host), not one closed cleanly.
 
     The worker gives up on it after two AMQP heartbeats (2 s each here) and
     reconnects; a command sent in that window must still reach it.
     """
-    workers = _start(
-        spawn, orchestrator, 1, url=_via(proxy, vhost), amqp_heartbeat=2, reconnect_max_delay=1
-    )
-    [worker] = workers
-    task = work_request("slow_echo", {"seconds": 30, "message": "stalled"})
-    orchestrator.publish(task)
-    _running_on(sender, task, workers)
+    worker = behind_proxy(amqp_heartbeat=2)
+    task, _ = _slow_task(orchestrator, sender, [worker], 30, "stalled")
 
     proxy.stall()
     stalled_at = time.monotonic()
@@ -417,7 +430,7 @@ def _malformed_commands(count: int) -> list[bytes]:
     rng = random.Random(10)
 
     def command(**changes: Any) -> dict[str, Any]:
-        good: dict[str, Any] = json.loads(command_body("ping"))
+        good: dict[str, Any] = json.loads(build_command("ping", agent_type="infra").body)
         for path, value in changes.items():
             *parents, leaf = path.split("__")
             node = good
@@ -480,9 +493,7 @@ def test_late_cancel_expired_and_malformed_commands_change_nothing(
     task_a = work_request("echo", {"message": "A"})
     orchestrator.publish(task_a)
     assert orchestrator.wait_for_result(task_a)["payload"]["status"] == "completed"
-    task_b = work_request("slow_echo", {"seconds": 2, "message": "B"})
-    orchestrator.publish(task_b)
-    _running_on(sender, task_b, workers)
+    task_b, _ = _slow_task(orchestrator, sender, workers, 2, "B")
     for key, value in (
         ("task_id", task_a["payload"]["task_id"]),
         ("request_id", task_a["request_id"]),
@@ -495,7 +506,8 @@ def test_late_cancel_expired_and_malformed_commands_change_nothing(
     assert [r["status"] for r in _results_of(orchestrator, task_a)] == ["completed"]
 
     # An expired command: ignored without an answer (the ping behind it is answered).
-    expired = sender.send("ping", expires_at=datetime.now(UTC) - timedelta(minutes=1))
+    # Made two minutes ago: expired one minute ago.
+    expired = sender.send("ping", now=datetime.now(UTC) - timedelta(minutes=2))
     sender.ask("ping")
     assert not sender.answers_to(expired)
     ignored = worker.logged("control message ignored")
@@ -503,11 +515,11 @@ def test_late_cancel_expired_and_malformed_commands_change_nothing(
     assert ignored[0]["reason"].startswith("expired")
 
     # The same command twice (a sender's retry): applied and answered once.
-    twice = uuid.uuid4()
+    twice = build_command("ping", agent_type="infra")
     for _ in range(2):
-        sender.publish_raw(command_body("ping", command_id=twice), correlation_id=str(twice))
+        sender.publish_raw(twice.body, correlation_id=str(twice.id))
     sender.ask("ping")
-    assert len([a for a in sender.answers if a.correlation_id == str(twice)]) == 1
+    assert len([a for a in sender.answers if a.correlation_id == str(twice.id)]) == 1
     assert worker.logged("control message ignored")[-1]["reason"] == "duplicate command id"
 
     # 300 malformed control messages: each ignored, none answered, the worker lives.
@@ -541,9 +553,7 @@ def test_ping_is_answered_within_a_second_at_p99_by_four_workers_one_busy(
     orchestrator: Orchestrator, sender: ControlSender, spawn: Spawn
 ) -> None:
     workers = _start(spawn, orchestrator, 4)
-    long_task = work_request("slow_echo", {"seconds": 60, "message": "busy"})
-    orchestrator.publish(long_task)
-    busy = _running_on(sender, long_task, workers)
+    _, busy = _slow_task(orchestrator, sender, workers, 60, "busy")
 
     pings: list[Sent] = []
     for _ in range(100):

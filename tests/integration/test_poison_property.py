@@ -41,7 +41,7 @@ pytestmark = pytest.mark.integration
 
 Spawn = Callable[..., WorkerProcess]
 
-QUICK_EXAMPLES = 100  # per ack mode: about 15 s each in `make test`
+QUICK_EXAMPLES = 100  # per ack mode: a few seconds each in `make test`
 SOAK_EXAMPLES = int(os.environ.get("CHIFFON_POISON_EXAMPLES", "1000"))
 # A slow_echo sleeps 20 ms at most; anything not settled in this long is wedged.
 SETTLE_SECONDS = 20
@@ -239,11 +239,13 @@ FIELDS = (
 
 
 @st.composite
-def parameters(draw: st.DrawFn, poisoned: bool) -> object:
+def parameters(draw: st.DrawFn, poisoned: bool, slow_echo: bool) -> object:
     if poisoned:  # not an object at all
         return draw(wrong_type | texts | st.lists(hostile, max_size=3))
     params: dict[str, object] = {"message": draw(hostile)}
-    if draw(st.booleans()):
+    # A slow_echo without "seconds" sleeps its default 5 s: nothing hostile in
+    # that, and a few of them once made the quick sweep take a minute.
+    if slow_echo or draw(st.booleans()):
         params["seconds"] = draw(seconds)
     params.update(draw(hostile_object))
     return params
@@ -292,14 +294,14 @@ def poison(draw: st.DrawFn) -> Poison:
     fresh = uuid.uuid4()  # no two examples are one request sent twice
     request_id = pick("request_id", st.just(str(fresh)), odd_uuid(base=fresh))
     trace_id = pick("trace_id", st.uuids().map(str), odd_uuid())
+    task_id = pick("task_id", st.uuids().map(str), odd_uuid())
+    work_type = pick(
+        "work_type", st.sampled_from(["echo", "slow_echo", "fail", "unknown"]), texts | wrong_type
+    )
     payload: dict[str, object] = {
-        "task_id": pick("task_id", st.uuids().map(str), odd_uuid()),
-        "work_type": pick(
-            "work_type",
-            st.sampled_from(["echo", "slow_echo", "fail", "unknown"]),
-            texts | wrong_type,
-        ),
-        "parameters": draw(parameters("parameters" in poisoned)),
+        "task_id": task_id,
+        "work_type": work_type,
+        "parameters": draw(parameters("parameters" in poisoned, work_type == "slow_echo")),
         "hints": draw(hints("hints" in poisoned)),
     }
     senders = st.sampled_from(["code", "Orchestrator", "infra\x00", ""]) | hostile

@@ -3,18 +3,15 @@ progress, the user's class left to the user (issue 9's "Must show").
 
 Each test runs `chiffon-worker run` as a real process against the real broker.
 Where systemd's watchdog matters, the test stands in for systemd: it binds the
-NOTIFY_SOCKET datagram socket and time-stamps every notification.
+NOTIFY_SOCKET datagram socket and time-stamps every notification
+(tests/helpers/watchdog.py; the `notify` and `supervised` fixtures).
 """
 
 from __future__ import annotations
 
-import itertools
 import signal
-import socket
-import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -23,15 +20,15 @@ import pytest
 from tests.helpers.broker import Orchestrator, Vhost, work_request
 from tests.helpers.process import WorkerProcess
 from tests.helpers.proxy import TcpProxy
+from tests.helpers.watchdog import MAX_WATCHDOG_GAP_S, NotifyListener, first_ping
 
 pytestmark = pytest.mark.integration
 
-Spawn = Callable[..., WorkerProcess]
+# For `make test-slow`: real workers run for seconds on end (a cut, a
+# minute-long outage, progress storms on every execution path, beats counted).
+slow = pytest.mark.slow
 
-WATCHDOG_USEC = 4_000_000
-# WatchdogSec itself: systemd kills a worker that goes this long without a
-# ping (the feeder pings every half of it, as sd_watchdog_enabled advises).
-MAX_WATCHDOG_GAP_S = 4.0
+Spawn = Callable[..., WorkerProcess]
 
 
 def _via(proxy: TcpProxy, vhost: Vhost) -> str:
@@ -99,115 +96,59 @@ def _stop_and_wait_offline(worker: WorkerProcess, orchestrator: Orchestrator) ->
     return code
 
 
-class NotifyListener:
-    """Stands in for systemd: receives sd_notify datagrams on a thread, time-stamped."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(str(path))
-        self._sock.settimeout(0.2)
-        self._lock = threading.Lock()
-        self._received: list[tuple[float, str]] = []
-        self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._receive, name="notify-listener", daemon=True)
-        self._thread.start()
-
-    def _receive(self) -> None:
-        while not self._closed.is_set():
-            try:
-                data = self._sock.recv(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                return  # closed under us
-            with self._lock:
-                self._received.append((time.monotonic(), data.decode(errors="replace")))
-
-    def pings(self) -> list[float]:
-        """When each WATCHDOG=1 arrived."""
-        with self._lock:
-            return [at for at, text in self._received if "WATCHDOG=1" in text.split("\n")]
-
-    def max_gap(self, start: float, end: float) -> float:
-        """Longest stretch of [start, end] without a watchdog ping (both ends count)."""
-        moments = [start, *(at for at in self.pings() if start < at < end), end]
-        return max(later - earlier for earlier, later in itertools.pairwise(moments))
-
-    def close(self) -> None:
-        self._closed.set()
-        self._thread.join(timeout=5)
-        self._sock.close()
-
-
-@pytest.fixture
-def notify(tmp_path: Path) -> Iterator[NotifyListener]:
-    listener = NotifyListener(tmp_path / "notify")
-    try:
-        yield listener
-    finally:
-        listener.close()
-
-
-@pytest.fixture
-def supervised(tmp_path: Path, notify: NotifyListener) -> Iterator[Callable[..., WorkerProcess]]:
-    """Start a worker process as a Type=notify unit with WatchdogSec=4 would."""
-    started: list[WorkerProcess] = []
-
-    def start(url: str, **settings: object) -> WorkerProcess:
-        worker = WorkerProcess(url, tmp_path / "worker.log", **settings)
-        worker.env["NOTIFY_SOCKET"] = str(notify.path)
-        worker.env["WATCHDOG_USEC"] = str(WATCHDOG_USEC)
-        started.append(worker.start())
-        return worker
-
-    try:
-        yield start
-    finally:
-        for worker in started:
-            worker.kill()
-
-
-def _first_ping(notify: NotifyListener, orchestrator: Orchestrator) -> float:
-    orchestrator.wait_until(lambda: bool(notify.pings()), 20, "the first watchdog ping")
-    return notify.pings()[0]
-
-
 # -- every execution path survives a cut --------------------------------------------
 
 
-def _long_inline_task(
+LongTask = tuple[WorkerProcess, float, dict[str, Any]]
+
+
+@pytest.fixture
+def long_inline_task(
     vhost: Vhost,
     orchestrator: Orchestrator,
     proxy: TcpProxy,
     notify: NotifyListener,
-    supervised: Callable[..., WorkerProcess],
-    seconds: float,
-    message: str,
-    *,
-    running_for: float,
-) -> tuple[WorkerProcess, float, dict[str, Any]]:
-    """A supervised worker behind the proxy, a slow_echo running on it for `running_for` s."""
-    worker = supervised(_via(proxy, vhost), heartbeat_interval=1)
-    watched_from = _first_ping(notify, orchestrator)
-    task = work_request("slow_echo", {"seconds": seconds, "message": message})
-    orchestrator.publish(task)
-    orchestrator.wait_until(lambda: bool(_busy_with(orchestrator, task)), 20, "the task to start")
-    _serve_until(orchestrator, time.monotonic() + running_for)
-    return worker, watched_from, task
+    supervised: Spawn,
+) -> Callable[..., LongTask]:
+    """start(seconds, message, running_for=...): a supervised worker behind the proxy, a
+    slow_echo running on it for `running_for` s; (worker, first watchdog ping, request)."""
+
+    def start(seconds: float, message: str, *, running_for: float) -> LongTask:
+        worker = supervised(_via(proxy, vhost), heartbeat_interval=1)
+        watched_from = first_ping(notify, orchestrator)
+        task = work_request("slow_echo", {"seconds": seconds, "message": message})
+        orchestrator.publish(task)
+        orchestrator.wait_until(
+            lambda: bool(_busy_with(orchestrator, task)), 20, "the task to start"
+        )
+        _serve_until(orchestrator, time.monotonic() + running_for)
+        return worker, watched_from, task
+
+    return start
 
 
+def _finish(
+    orchestrator: Orchestrator, notify: NotifyListener, run: LongTask, timeout: float
+) -> tuple[dict[str, Any], float, list[str]]:
+    """The task's result, the longest watchdog gap until it came, and (once the worker
+    stopped cleanly) the warnings it logged."""
+    worker, watched_from, task = run
+    result = orchestrator.wait_for_result(task, timeout=timeout)["payload"]
+    gap = notify.max_gap(watched_from, time.monotonic())
+    assert _stop_and_wait_offline(worker, orchestrator) == 0
+    return result, gap, _warnings(worker)
+
+
+@slow
 def test_a_cut_during_long_inline_work_keeps_heartbeats_watchdog_and_the_result(
-    vhost: Vhost,
     orchestrator: Orchestrator,
     proxy: TcpProxy,
     notify: NotifyListener,
-    supervised: Callable[..., WorkerProcess],
+    long_inline_task: Callable[..., LongTask],
 ) -> None:
     # Defaults: prefetch 1, early ack, no time limit: the task runs inline.
-    worker, watched_from, task = _long_inline_task(
-        vhost, orchestrator, proxy, notify, supervised, 20, "through the cut", running_for=4
-    )
+    run = long_inline_task(20, "through the cut", running_for=4)
+    worker, _, task = run
     assert proxy.open_connections == 1, "the worker should still be on its first connection"
 
     busy_before = len(_busy_with(orchestrator, task))
@@ -216,11 +157,7 @@ def test_a_cut_during_long_inline_work_keeps_heartbeats_watchdog_and_the_result(
     _serve_until(orchestrator, cut_at + 11)
     busy_after_cut = len(_busy_with(orchestrator, task)) - busy_before
 
-    result = orchestrator.wait_for_result(task, timeout=30)["payload"]
-    finished_at = time.monotonic()
-    gap = notify.max_gap(watched_from, finished_at)
-    assert _stop_and_wait_offline(worker, orchestrator) == 0
-    warnings = _warnings(worker)
+    result, gap, warnings = _finish(orchestrator, notify, run, timeout=30)
     print(
         f"\ncut during inline work: {busy_after_cut} busy heartbeats in the 11 s after the cut,"
         f" max watchdog gap {gap:.2f} s, {len(warnings)} warnings: {warnings}"
@@ -234,18 +171,16 @@ def test_a_cut_during_long_inline_work_keeps_heartbeats_watchdog_and_the_result(
     assert len(_results_for(orchestrator, task)) == 1
 
 
-@pytest.mark.slow
+@slow
 @pytest.mark.timeout(240)
 def test_a_minute_long_broker_outage_during_long_work_keeps_the_watchdog_fed(
-    vhost: Vhost,
     orchestrator: Orchestrator,
     proxy: TcpProxy,
     notify: NotifyListener,
-    supervised: Callable[..., WorkerProcess],
+    long_inline_task: Callable[..., LongTask],
 ) -> None:
-    worker, watched_from, task = _long_inline_task(
-        vhost, orchestrator, proxy, notify, supervised, 90, "outlived the outage", running_for=5
-    )
+    run = long_inline_task(90, "outlived the outage", running_for=5)
+    worker, _, task = run
 
     proxy.refuse()  # the broker is gone: new connections are closed at once...
     proxy.cut()  # ...and the current one with them
@@ -262,12 +197,8 @@ def test_a_minute_long_broker_outage_during_long_work_keeps_the_watchdog_fed(
         orchestrator, lambda: len(_busy_with(orchestrator, task)) > busy_before, 35
     )
 
-    result = orchestrator.wait_for_result(task, timeout=60)["payload"]
-    finished_at = time.monotonic()
-    gap = notify.max_gap(watched_from, finished_at)
+    result, gap, warnings = _finish(orchestrator, notify, run, timeout=60)
     outage_gap = notify.max_gap(down_at, reopened_at)
-    assert _stop_and_wait_offline(worker, orchestrator) == 0
-    warnings = _warnings(worker)
     print(
         f"\n60 s outage: heartbeats resumed {resumed_after} s after reopening,"
         f" max watchdog gap {gap:.2f} s (during the outage {outage_gap:.2f} s),"
@@ -291,6 +222,7 @@ EXECUTION_PATHS = {
 }
 
 
+@slow
 @pytest.mark.parametrize("path_settings", EXECUTION_PATHS.values(), ids=EXECUTION_PATHS.keys())
 def test_progress_storms_complete_and_the_worker_survives(
     orchestrator: Orchestrator, spawn: Spawn, path_settings: dict[str, object]
@@ -317,6 +249,7 @@ def test_progress_storms_complete_and_the_worker_survives(
 # -- the user's class is the user's ------------------------------------------------
 
 
+@slow
 def test_a_subclass_using_the_old_runtime_names_still_answers_beats_and_stops(
     orchestrator: Orchestrator, spawn: Spawn
 ) -> None:

@@ -273,12 +273,33 @@ class Harness:
         """What the service does inside the callback: run the inline task, then finish it."""
         task = self.take_inline()
         assert task is not None, "no task was waiting to run inline"
-        task.finish(self.work(task))
-        self.consumer.finish_inline(task)
+        self.finish_inline(task)
         return task
 
     def take_inline(self) -> Task | None:
         return self.parked.pop(0) if self.parked else None
+
+    def start_inline(self) -> Task:
+        """Deliver a request; its task, parked to run inline (the test finishes it)."""
+        self.deliver(Sent())
+        task = self.take_inline()
+        assert task is not None, "no task was waiting to run inline"
+        return task
+
+    def finish_inline(self, task: Task) -> None:
+        """Run the work and hand its result over, as the service does after inline work."""
+        task.finish(self.work(task))
+        self.consumer.finish_inline(task)
+
+    def finish_held(self, sent: Sent) -> None:
+        """Release the held work on `sent`; run what its thread posts (the result goes out)."""
+        self.work.release(sent)
+        self.baton.run_next()
+
+    def broker_answers(self, message: Outgoing, state: PublishState, refusal: str = "") -> None:
+        """The broker confirms or refuses `message`; the consumer hears of it."""
+        answer(message, state, refusal)
+        self.consumer.settle()
 
     def report(self, task: Task, status: WorkStatus) -> None:
         """A progress report as the service hands it over (service._progress_from)."""
@@ -327,6 +348,16 @@ def make() -> Iterator[Callable[..., Harness]]:
     yield build
     for harness in made:
         harness.close()
+
+
+def _late_result(make: Callable[..., Harness]) -> tuple[Harness, Delivery, Outgoing]:
+    """Late acks, one request finished: its delivery, and its result waiting for a confirm."""
+    harness = make(Work(held=True), ack_mode="late")
+    sent = Sent()
+    delivery = harness.deliver(sent)
+    harness.finish_held(sent)
+    [(result, _, _)] = harness.results()
+    return harness, delivery, result
 
 
 # -- one message at a time, and no message held hostage -------------------------------
@@ -404,8 +435,7 @@ def test_duplicate_arriving_while_the_first_runs_runs_the_work_once_and_answers_
     again = Sent(request_id=first.request_id)
     deliveries = [harness.deliver(first), harness.deliver(again)]
 
-    work.release(first)
-    harness.baton.run_next()
+    harness.finish_held(first)
 
     assert work.runs == [str(first.request_id)]
     results = harness.results()
@@ -430,8 +460,7 @@ def test_redelivery_of_the_running_message_is_answered_once_and_both_acked_late(
     harness.consumer.on_delivery(first)
     harness.consumer.on_delivery(again)
 
-    work.release(sent)
-    harness.baton.run_next()
+    harness.finish_held(sent)
     [(result, _, _)] = harness.results()
     assert harness.link.acks() == []
 
@@ -448,18 +477,11 @@ def test_redelivery_of_the_running_message_is_answered_once_and_both_acked_late(
 def test_late_ack_goes_out_only_after_the_result_is_confirmed(
     make: Callable[..., Harness],
 ) -> None:
-    work = Work(held=True)
-    harness = make(work, ack_mode="late")
-    sent = Sent()
-    delivery = harness.deliver(sent)
-    work.release(sent)
-    harness.baton.run_next()
-    [(result, _, _)] = harness.results()
+    harness, delivery, result = _late_result(make)
 
     assert harness.link.acks() == []
 
-    answer(result, PublishState.CONFIRMED)
-    harness.consumer.settle()
+    harness.broker_answers(result, PublishState.CONFIRMED)
 
     assert harness.link.acks() == [delivery.tag]
     events = harness.link.events
@@ -474,19 +496,15 @@ def test_late_ack_waits_behind_an_earlier_unconfirmed_result(
     earlier, later = Sent(), Sent()
     earlier_delivery = harness.deliver(earlier)
     later_delivery = harness.deliver(later)
-    work.release(earlier)
-    harness.baton.run_next()
-    work.release(later)
-    harness.baton.run_next()
+    harness.finish_held(earlier)
+    harness.finish_held(later)
     [(earlier_result, _, _), (later_result, _, _)] = harness.results()
 
-    answer(later_result, PublishState.CONFIRMED)
-    harness.consumer.settle()
+    harness.broker_answers(later_result, PublishState.CONFIRMED)
 
     assert harness.link.acks() == []
 
-    answer(earlier_result, PublishState.CONFIRMED)
-    harness.consumer.settle()
+    harness.broker_answers(earlier_result, PublishState.CONFIRMED)
 
     assert harness.link.acks() == [earlier_delivery.tag, later_delivery.tag]
 
@@ -515,21 +533,14 @@ def test_oversized_result_is_answered_with_a_failure_saying_so(
 def test_refused_result_is_published_again_and_acked_once_confirmed(
     make: Callable[..., Harness],
 ) -> None:
-    harness = make(Work(held=True), ack_mode="late")
-    sent = Sent()
-    delivery = harness.deliver(sent)
-    harness.work.release(sent)
-    harness.baton.run_next()
-    [(result, _, _)] = harness.results()
+    harness, delivery, result = _late_result(make)
 
-    answer(result, PublishState.REFUSED, "nacked by the broker")
-    harness.consumer.settle()
+    harness.broker_answers(result, PublishState.REFUSED, "nacked by the broker")
 
     assert harness.link.published() == [result, result]
     assert harness.link.acks() == []
 
-    answer(result, PublishState.CONFIRMED)
-    harness.consumer.settle()
+    harness.broker_answers(result, PublishState.CONFIRMED)
 
     assert harness.link.acks() == [delivery.tag]
     assert harness.consumer.pending() == 0
@@ -538,18 +549,14 @@ def test_refused_result_is_published_again_and_acked_once_confirmed(
 def test_result_refused_every_time_is_dropped_and_its_late_ack_still_goes_out(
     make: Callable[..., Harness], caplog: pytest.LogCaptureFixture
 ) -> None:
-    harness = make(Work(held=True), ack_mode="late")
-    sent = Sent()
-    delivery = harness.deliver(sent)
-    harness.work.release(sent)
-    harness.baton.run_next()
-    [(result, _, _)] = harness.results()
+    harness, delivery, result = _late_result(make)
 
     with caplog.at_level(logging.WARNING, logger="chiffon_worker"):
         for _ in range(MAX_PUBLISH_ATTEMPTS):
             assert harness.link.acks() == []
-            answer(result, PublishState.REFUSED, "returned unroutable: 312 NO_ROUTE")
-            harness.consumer.settle()
+            harness.broker_answers(
+                result, PublishState.REFUSED, "returned unroutable: 312 NO_ROUTE"
+            )
 
     assert harness.link.published() == [result] * MAX_PUBLISH_ATTEMPTS
     assert harness.link.acks() == [delivery.tag]
@@ -593,9 +600,7 @@ def test_progress_for_a_finished_task_is_not_queued(make: Callable[..., Harness]
 def test_progress_storm_publishes_each_report_once(make: Callable[..., Harness]) -> None:
     reports = 5000
     harness = make()
-    harness.deliver(Sent())
-    task = harness.take_inline()
-    assert task is not None
+    task = harness.start_inline()
 
     for number in range(reports):
         harness.report(task, progress(task, number % 100))
@@ -604,8 +609,7 @@ def test_progress_storm_publishes_each_report_once(make: Callable[..., Harness])
         harness.consumer.flush_outbox()
         if number % 1000 == 999:
             harness.confirm_all()
-    task.finish(harness.work(task))
-    harness.consumer.finish_inline(task)
+    harness.finish_inline(task)
 
     assert len(harness.messages("work_status")) == reports
     assert len(harness.link.published()) == reports + 1
@@ -619,9 +623,7 @@ def test_progress_beyond_the_cap_during_an_outage_is_dropped_and_the_result_stil
 ) -> None:
     monkeypatch.setattr(outbox_module, "MAX_PROGRESS_WAITING", 50)
     harness = make()
-    harness.deliver(Sent())
-    task = harness.take_inline()
-    assert task is not None
+    task = harness.start_inline()
 
     with caplog.at_level(logging.INFO, logger="chiffon_worker"):
         harness.link.is_open = False  # an outage: the reports pile up unsent
@@ -630,8 +632,7 @@ def test_progress_beyond_the_cap_during_an_outage_is_dropped_and_the_result_stil
         harness.baton.run_posted()
         harness.link.is_open = True
         harness.consumer.on_connected()
-        task.finish(harness.work(task))
-        harness.consumer.finish_inline(task)
+        harness.finish_inline(task)
         harness.confirm_all()
 
     assert len(harness.messages("work_status")) == 50
@@ -647,15 +648,12 @@ def test_progress_beyond_the_cap_is_not_dropped_while_connected(
 ) -> None:
     monkeypatch.setattr(outbox_module, "MAX_PROGRESS_WAITING", 50)
     harness = make()
-    harness.deliver(Sent())
-    task = harness.take_inline()
-    assert task is not None
+    task = harness.start_inline()
 
     for number in range(200):  # confirms lag behind: all 200 wait for the broker at once
         harness.report(task, progress(task, number % 100))
     harness.baton.run_posted()
-    task.finish(harness.work(task))
-    harness.consumer.finish_inline(task)
+    harness.finish_inline(task)
     harness.confirm_all()
 
     assert len(harness.messages("work_status")) == 200
@@ -715,17 +713,23 @@ def test_mailbox_runs_jobs_in_the_order_they_were_posted() -> None:
     assert ran == [0, 1, 2, 3, 4]
 
 
-def test_mailbox_job_that_raises_is_logged_and_the_next_still_runs(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+def _failing_then_next(error: Exception) -> tuple[Mailbox, list[str]]:
+    """A mailbox holding a job that raises `error`, then one that records "next" in the list."""
     mailbox = Mailbox(Wakes())
     ran: list[str] = []
 
-    def broken() -> None:
-        raise ValueError("a bug in one job")
+    def failing() -> None:
+        raise error
 
-    mailbox.post(broken)
+    mailbox.post(failing)
     mailbox.post(lambda: ran.append("next"))
+    return mailbox, ran
+
+
+def test_mailbox_job_that_raises_is_logged_and_the_next_still_runs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    mailbox, ran = _failing_then_next(ValueError("a bug in one job"))
     with caplog.at_level(logging.ERROR, logger="chiffon_worker"):
         mailbox.run_posted()
 
@@ -736,21 +740,14 @@ def test_mailbox_job_that_raises_is_logged_and_the_next_still_runs(
 
 
 def test_mailbox_lets_connection_lost_through_and_keeps_the_rest_for_later() -> None:
-    mailbox = Mailbox(Wakes())
-    ran: list[str] = []
-
-    def lost() -> None:
-        raise ConnectionLost("channel is not open")
-
-    mailbox.post(lost)
-    mailbox.post(lambda: ran.append("after reconnect"))
+    mailbox, ran = _failing_then_next(ConnectionLost("channel is not open"))
 
     with pytest.raises(ConnectionLost):
         mailbox.run_posted()
     assert ran == []
 
-    mailbox.run_posted()
-    assert ran == ["after reconnect"]
+    mailbox.run_posted()  # after the reconnect
+    assert ran == ["next"]
 
 
 def test_mailbox_runs_every_job_from_many_threads_exactly_once() -> None:
@@ -851,17 +848,14 @@ def test_oversized_or_unencodable_progress_is_dropped_and_the_result_still_goes_
     make: Callable[..., Harness],
 ) -> None:
     harness = make(max_result_bytes=2048)
-    harness.deliver(Sent())
-    task = harness.take_inline()
-    assert task is not None
+    task = harness.start_inline()
     huge = progress(task, 10).model_copy(update={"step": {"number": 1, "name": "x" * 5000}})
     broken = progress(task, 20).model_copy(update={"step": {"number": 2, "name": "\udcff"}})
     fine = progress(task, 30)
     for status in (huge, broken, fine):
         harness.report(task, status)
     harness.baton.run_posted()
-    task.finish(harness.work(task))
-    harness.consumer.finish_inline(task)
+    harness.finish_inline(task)
 
     sent_progress = [
         envelope.payload["progress_percent"] for _m, envelope in harness.messages("work_status")

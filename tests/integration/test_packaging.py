@@ -28,6 +28,8 @@ def _run(*command: str | Path, cwd: Path = REPO_ROOT) -> str:
     return done.stdout
 
 
+# Builds and installs a wheel (~16 s): in make test-slow.
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_wheel_installs_in_a_clean_venv_and_reports_the_one_version(tmp_path: Path) -> None:
     dist = tmp_path / "dist"

@@ -25,6 +25,7 @@ def _busy_with(orchestrator: Orchestrator, request: dict[str, object]) -> list[d
     ]
 
 
+@pytest.mark.slow  # ten seconds or more of long work: in make test-slow
 def test_heartbeats_keep_coming_and_the_connection_stays_up_during_long_work(
     orchestrator: Orchestrator, spawn: Spawn
 ) -> None:
@@ -40,6 +41,7 @@ def test_heartbeats_keep_coming_and_the_connection_stays_up_during_long_work(
     assert "connection lost" not in messages
 
 
+@pytest.mark.slow  # ten seconds or more of long work: in make test-slow
 def test_a_queued_request_is_not_held_hostage_by_a_busy_worker(
     orchestrator: Orchestrator, spawn: Spawn
 ) -> None:

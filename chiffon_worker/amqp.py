@@ -190,18 +190,18 @@ def open_connection(
                 f"(check CHIFFON_TLS_CA_FILE and the host name): {exc!r}"
             ) from None
         hint = ""
-        if isinstance(exc, pika.exceptions.IncompatibleProtocolError) and "StreamLost" in repr(exc):
-            # pika's words for a peer that hung up before the AMQP greeting: a
-            # broker starting or stopping, or a proxy with no broker behind it.
-            raise BrokerUnavailable(
-                f"cannot connect to {shown}: the connection closed during the AMQP handshake "
-                f"(broker starting or stopping, or nothing behind a proxy): {exc!r}"
-            ) from None
         if tls is not None and tls.cert_file and "SSLEOFError" in repr(exc):
             # Under TLS 1.3 a broker that rejects our certificate may close the
             # socket before its alert can be read: not provably a refusal, so
             # retried (a broker restarting mid-handshake looks the same).
             hint = "; if this repeats, the broker may not accept our client certificate"
+        if isinstance(exc, pika.exceptions.IncompatibleProtocolError) and "StreamLost" in repr(exc):
+            # pika's words for a peer that hung up before the AMQP greeting: a
+            # broker starting or stopping, or a proxy with no broker behind it.
+            raise BrokerUnavailable(
+                f"cannot connect to {shown}: the connection closed during the AMQP handshake "
+                f"(broker starting or stopping, or nothing behind a proxy): {exc!r}{hint}"
+            ) from None
         raise BrokerUnavailable(f"cannot connect to {shown}: {exc!r}{hint}") from None
 
 

@@ -24,7 +24,7 @@ from chiffon_worker.amqp import node_order
 from tests.helpers.broker import work_request
 from tests.helpers.ci import missing
 from tests.helpers.cluster import Cluster, start_cluster
-from tests.helpers.process import WorkerProcess
+from tests.helpers.process import Launcher, WorkerProcess
 from tests.helpers.soak_worker import RUNS_FILE_VARIABLE
 from tests.helpers.tls_node import NodeUnavailable
 
@@ -57,20 +57,14 @@ def vhost(cluster: Cluster) -> Iterator[str]:
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     """Start SoakWorker processes (each execution recorded in runs-NAME.txt); killed after."""
-    started: list[WorkerProcess] = []
+    with Launcher(tmp_path) as launcher:
 
-    def start(name: str, urls: list[str], **settings: object) -> WorkerProcess:
-        settings.setdefault("worker", SOAK_WORKER)
-        process = WorkerProcess(",".join(urls), tmp_path / f"{name}.log", **settings)
-        process.env[RUNS_FILE_VARIABLE] = str(tmp_path / f"runs-{name}.txt")
-        started.append(process.start())
-        return process
+        def start(name: str, urls: list[str], **settings: object) -> WorkerProcess:
+            settings.setdefault("worker", SOAK_WORKER)
+            runs_file = {RUNS_FILE_VARIABLE: str(tmp_path / f"runs-{name}.txt")}
+            return launcher.start(",".join(urls), name, env=runs_file, **settings)
 
-    try:
         yield start
-    finally:
-        for process in started:
-            process.kill()
 
 
 def agent_landing_on(urls: list[str], first: str) -> str:

@@ -134,29 +134,25 @@ class Cluster:
 
     def quorum_leader(self, queue: str, vhost: str = "/") -> int:
         """The node that leads a quorum queue now."""
-        for node in self.nodes:
-            with contextlib.suppress(AssertionError, OSError):
-                out = node.rabbitmqctl(
-                    "list_queues", "-p", vhost, "name", "leader", "--quiet", "--no-table-headers"
-                )
-                for line in out.splitlines():
-                    name, _, leader = line.partition("\t")
-                    if name == queue:
-                        return self._number_of_node(leader.strip())
-        raise AssertionError(f"no node knows the leader of {queue}")
+        return self._number_of_node(self._queue_info(queue, vhost, "leader"))
 
     def queue_home(self, queue: str, vhost: str = "/") -> int:
-        """The node a classic queue lives on."""
+        """The node a classic queue lives on (its pid is <node.N.M>)."""
+        pid = self._queue_info(queue, vhost, "pid")
+        return self._number_of_node(pid.strip("<>").split(".")[0])
+
+    def _queue_info(self, queue: str, vhost: str, column: str) -> str:
+        """One column of `list_queues` for `queue`, as the first node that answers has it."""
         for node in self.nodes:
             with contextlib.suppress(AssertionError, OSError):
                 out = node.rabbitmqctl(
-                    "list_queues", "-p", vhost, "name", "pid", "--quiet", "--no-table-headers"
+                    "list_queues", "-p", vhost, "name", column, "--quiet", "--no-table-headers"
                 )
                 for line in out.splitlines():
-                    name, _, pid = line.partition("\t")
+                    name, _, value = line.partition("\t")
                     if name == queue:
-                        return self._number_of_node(pid.strip().strip("<>").split(".")[0])
-        raise AssertionError(f"no node knows where {queue} lives")
+                        return value.strip()
+        raise AssertionError(f"no node knows the {column} of {queue}")
 
     def _number_of_node(self, text: str) -> int:
         for number, node in enumerate(self.nodes, start=1):

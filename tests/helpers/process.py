@@ -93,9 +93,13 @@ class Launcher:
         self.env = env or {}  # added to every process's environment
         self.started: list[WorkerProcess] = []
 
-    def start(self, url: str, name: str = "worker", **settings: Any) -> WorkerProcess:
+    def start(
+        self, url: str, name: str = "worker", env: dict[str, str] | None = None, **settings: Any
+    ) -> WorkerProcess:
+        """A worker process; `env` is added to this one's environment only."""
         process = WorkerProcess(url, self.log_dir / f"{name}.log", **settings)
         process.env.update(self.env)
+        process.env.update(env or {})
         self.started.append(process.start())
         return process
 

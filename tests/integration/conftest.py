@@ -14,6 +14,7 @@ import pytest
 from chiffon_worker.config import Settings
 from tests.helpers.broker import Orchestrator, Vhost, VhostPool, broker_reachable
 from tests.helpers.ci import missing
+from tests.helpers.playbooks import copy_playbooks
 from tests.helpers.process import Launcher, WorkerProcess
 from tests.helpers.proxy import TcpProxy
 from tests.helpers.watchdog import NotifyListener
@@ -86,3 +87,9 @@ def supervised(tmp_path: Path, notify: NotifyListener) -> Iterator[Callable[...,
     run it, pinging `notify`; all are killed after the test."""
     with Launcher(tmp_path, env=notify.env) as launcher:
         yield launcher.start
+
+
+@pytest.fixture
+def playbook_dir(tmp_path: Path) -> Path:
+    """A copy of tests/playbooks, for a PlaybookWorker (tests/helpers/playbooks.py)."""
+    return copy_playbooks(tmp_path)

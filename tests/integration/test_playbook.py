@@ -17,26 +17,14 @@ import psutil
 import pytest
 
 from tests.helpers.broker import Orchestrator, work_request
-from tests.helpers.process import REPO_ROOT, WorkerProcess
+from tests.helpers.playbooks import PLAYBOOKS, start_playbook_worker
+from tests.helpers.process import WorkerProcess
 
 pytestmark = pytest.mark.integration
 
 Spawn = Callable[..., WorkerProcess]
-WORKER = "chiffon_worker.playbook:PlaybookWorker"
-PLAYBOOKS = REPO_ROOT / "tests" / "playbooks"
 # A cold ansible-playbook start (imports, inventory, callback) plus three tasks.
 RUN_TIMEOUT_S = 60
-
-
-@pytest.fixture
-def playbook_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "playbooks"
-    shutil.copytree(PLAYBOOKS, directory)
-    return directory
-
-
-def start_playbook_worker(spawn: Spawn, playbook_dir: Path, **settings: Any) -> WorkerProcess:
-    return spawn(worker=WORKER, playbook_dir=playbook_dir, **settings)
 
 
 def progress_for(orchestrator: Orchestrator, request: dict[str, Any]) -> list[dict[str, Any]]:

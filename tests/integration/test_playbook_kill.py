@@ -8,7 +8,6 @@ token may exist anywhere on the host, and the worker serves the next request.
 
 from __future__ import annotations
 
-import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -21,30 +20,18 @@ import pytest
 from chiffon_worker.ctl import ControlClient
 from tests.helpers.broker import Orchestrator, Vhost, work_request
 from tests.helpers.leftovers import processes_with, sleep_token, wait_logged
-from tests.helpers.process import REPO_ROOT, WorkerProcess
+from tests.helpers.playbooks import start_playbook_worker
+from tests.helpers.process import WorkerProcess
 
 pytestmark = pytest.mark.integration
 
 Spawn = Callable[..., WorkerProcess]
-PLAYBOOKS = REPO_ROOT / "tests" / "playbooks"
 GRACE_S = 2.0
 LIMIT_S = 8
 
 
-@pytest.fixture
-def playbook_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "playbooks"
-    shutil.copytree(PLAYBOOKS, directory)
-    return directory
-
-
 def start(spawn: Spawn, playbook_dir: Path, **settings: Any) -> WorkerProcess:
-    return spawn(
-        worker="chiffon_worker.playbook:PlaybookWorker",
-        playbook_dir=playbook_dir,
-        kill_grace=GRACE_S,
-        **settings,
-    )
+    return start_playbook_worker(spawn, playbook_dir, kill_grace=GRACE_S, **settings)
 
 
 def sleep_playbook(token: str, **hints: Any) -> dict[str, Any]:

@@ -9,8 +9,6 @@ import pytest
 
 from chiffon_worker.amqp import node_address, node_order, refusal_error
 from chiffon_worker.errors import ConnectionLost, TopologyMismatch, TopologyUnavailable
-from chiffon_worker.keeper import LinkKeeper
-from chiffon_worker.sdnotify import SystemdNotifier
 from chiffon_worker.topology import Refusal, chiffon_topology, read_refusal
 
 QUORUM_MISMATCH = (
@@ -117,42 +115,3 @@ def test_a_fleet_with_one_url_list_spreads_evenly_over_the_nodes() -> None:
 )
 def test_a_node_is_named_by_host_and_port_never_by_its_password(url: str, address: str) -> None:
     assert node_address(url) == address
-
-
-class MismatchedLink:
-    current_url = "amqp://node2:5672/"
-
-    def __init__(self) -> None:
-        self.connects = 0
-
-    def connect(self) -> None:
-        self.connects += 1
-        raise refusal_error(QUORUM_MISMATCH)
-
-    def drop(self) -> None:
-        pass
-
-    def process(self, _timeout: float) -> None:
-        pass
-
-
-def test_a_mismatch_at_connect_is_not_retried_and_exits_78(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    link = MismatchedLink()
-    keeper = LinkKeeper(
-        link,  # type: ignore[arg-type]
-        SystemdNotifier(environ={}),
-        on_connected=lambda: None,
-        on_lost=lambda: None,
-        wait=lambda _seconds: None,
-    )
-    for _ in range(3):
-        keeper.serve(0.0)
-    assert link.connects == 1
-    assert keeper.refused is not None
-    assert keeper.refused.exit_code == 78
-    [line] = [r for r in caplog.records if "x-queue-type" in str(r.__dict__)]
-    assert line.levelname == "ERROR"
-    assert line.__dict__["queue"] == "work_queue"
-    assert not [r for r in caplog.records if r.getMessage().startswith("broker not reachable")]

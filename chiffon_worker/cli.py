@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a request parameter; VALUE is parsed as JSON when it can be (repeatable)",
     )
     send.add_argument("--priority", type=int, default=3, choices=range(1, 6), metavar="1..5")
+    send.add_argument(
+        "--max-duration",
+        type=seconds,
+        metavar="SECONDS",
+        help="the work's time limit (hints.max_duration_seconds): failed with 5001 after it",
+    )
     send.add_argument("--to-agent", choices=AGENT_TYPES, help="default: CHIFFON_AGENT_TYPE")
     send.add_argument("--wait", action="store_true", help="wait for the result and print it")
     send.add_argument("--timeout", type=seconds, default=30.0, help="seconds to wait (default 30)")
@@ -245,8 +251,12 @@ def _json_int(text: str) -> int:
 def _send(args: argparse.Namespace) -> int:
     settings = load_settings(args.env_file, overrides=_overrides(args, ["work_queue"]))
     setup_logging("WARNING", "text", settings.secrets())
+    hints = {} if args.max_duration is None else {"max_duration_seconds": args.max_duration}
     request = WorkRequest(
-        task_id=uuid.uuid4(), work_type=args.work_type, parameters=parse_params(args.param)
+        task_id=uuid.uuid4(),
+        work_type=args.work_type,
+        parameters=parse_params(args.param),
+        hints=hints,
     )
     trace_id, request_id = uuid.uuid4(), uuid.uuid4()
     envelope = make_envelope(

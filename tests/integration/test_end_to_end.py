@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -43,6 +44,26 @@ def test_send_wait_exits_1_when_the_work_failed(vhost: Vhost, spawn: Spawn) -> N
     done = _cli(vhost, "send", "--work-type", "fail", "--wait", "--timeout", "20")
     assert done.returncode == 1, done.stderr
     assert '"status": "failed"' in done.stdout
+
+
+def test_send_max_duration_sets_the_time_limit(vhost: Vhost, spawn: Spawn) -> None:
+    spawn()
+    done = _cli(
+        vhost,
+        "send",
+        "--work-type",
+        "slow_echo",
+        "--param",
+        "seconds=30",
+        "--max-duration",
+        "1",
+        "--wait",
+    )
+    assert done.returncode == 1, done.stderr
+    result = json.loads(done.stdout)
+    assert result["status"] == "failed"
+    assert "5001" in result["error_message"]
+    assert result["duration_ms"] < 10_000
 
 
 def test_failed_and_unknown_work_answer_failed_and_the_worker_keeps_serving(

@@ -55,6 +55,8 @@ SAMPLE_SECONDS = 0.5
 # left running is read before we stop listening.
 DRAIN_SECONDS = 1.0
 READ_CHUNK_BYTES = 65536
+# The returncode of a child whose status another waitpid(-1) took from us.
+UNKNOWN_EXIT_STATUS = 255
 # After SIGKILL, how long we wait for the kernel to take the tree down.
 KILL_WAIT_SECONDS = 2.0
 
@@ -416,8 +418,11 @@ class _Run:
             return
         try:
             pid, status, rusage = os.wait4(self.pid, 0 if block else os.WNOHANG)
-        except ChildProcessError:  # reaped by someone else's catch-all wait
+        except ChildProcessError:
+            # Someone else's catch-all wait took its exit status: say so, not "exit 0".
+            logger.warning("child reaped by other code: its exit status is unknown")
             self.status, self.rusage = 0, None
+            self.popen.returncode = UNKNOWN_EXIT_STATUS
             return
         if pid == 0:
             return

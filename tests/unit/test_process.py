@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -228,3 +229,15 @@ def test_work_result_says_how_the_process_ended(
     if says is not None:
         assert result.error_message is not None
         assert says in result.error_message
+
+
+def test_a_status_stolen_by_a_catch_all_wait_is_unknown_not_success() -> None:
+    def steal(_stream: str, _line: str) -> None:
+        # Other code of the worker doing the wrong thing: reaping any child.
+        time.sleep(0.3)
+        os.waitpid(-1, 0)
+
+    result = run_process(["sh", "-c", "echo started; exit 0"], on_line=steal)
+
+    assert result.returncode == 255
+    assert not result.ok

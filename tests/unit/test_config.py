@@ -508,3 +508,15 @@ def test_pem_tls_files_load(pki: Pki) -> None:
     )
 
     assert settings.tls_files().context().verify_mode == ssl.CERT_REQUIRED
+
+
+def test_every_setting_has_a_row_in_the_readme_table() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    rows = {line.split("|")[1] for line in readme.splitlines() if line.startswith("| `CHIFFON_")}
+    documented = " ".join(rows)
+    missing = [
+        f"CHIFFON_{name.upper()}"
+        for name in Settings.model_fields
+        if f"`CHIFFON_{name.upper()}`" not in documented
+    ]
+    assert not missing, f"settings without a README row: {missing}"

@@ -59,12 +59,11 @@ class TaskRunner:
         # read of the thread's CPU clock.
         cpu_used = time.thread_time() - cpu_started if elapsed >= 0.001 else 0.0
         resources: dict[str, object] = {
-            "cpu_time_ms": int(cpu_used * 1000),
+            # Child processes (run_process) count into the task's CPU time.
+            "cpu_time_ms": int(cpu_used * 1000) + context.children_cpu_time_ms,
             "memory_peak_mb": peak_memory_mb(),
         }
         if context.children_cpu_time_ms or context.children_memory_peak_mb:
-            # Child processes (run_process) count into the task's CPU time.
-            resources["cpu_time_ms"] = int(cpu_used * 1000) + context.children_cpu_time_ms
             resources["children_cpu_time_ms"] = context.children_cpu_time_ms
             resources["children_memory_peak_mb"] = context.children_memory_peak_mb
         resources.update(result.resources_used)

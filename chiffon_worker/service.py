@@ -371,10 +371,8 @@ class WorkerService:
     def _ending_children(self, now: float) -> bool:
         """After the shutdown timeout: True while running child processes are being ended."""
         if self._kill_deadline is None:
-            # Imported here: a worker that never runs a child never loads it.
-            from chiffon_worker.process import running_count
-
-            if self._keeper.refused is not None or not running_count():
+            process = _process_module()
+            if self._keeper.refused is not None or process is None or not process.running_count():
                 return False
             self._kill_deadline = now + self.settings.kill_grace + KILL_MARGIN_SECONDS
             logger.error(
@@ -477,9 +475,14 @@ def _log_finished(task: Task) -> None:
     )
 
 
+def _process_module() -> Any:
+    """process.py if work loaded it; None: no child process ever ran, none to end."""
+    return sys.modules.get("chiffon_worker.process")
+
+
 def _kill_children_now() -> None:
     """Before a forced exit: child processes of running work must not outlive us."""
-    process = sys.modules.get("chiffon_worker.process")  # loaded only if work ran children
+    process = _process_module()
     if process is not None:
         process.kill_all_now()
 

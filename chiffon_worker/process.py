@@ -192,6 +192,10 @@ class _Output:
         self._partial: dict[str, bytearray] = {}
         self._cut: dict[str, int] = {}
 
+    def silence(self) -> None:
+        """No more calls of on_line (it raised): lines are still kept in the tail."""
+        self._on_line = None
+
     def feed(self, stream: str, data: bytes) -> None:
         partial = self._partial.setdefault(stream, bytearray())
         start = 0
@@ -290,7 +294,8 @@ class _Run:
                 self._loop(selector)
         except BaseException:
             # on_line raised, or the thread is being torn down: nothing of
-            # the child may outlive this call.
+            # the child may outlive this call, and on_line is not called again.
+            self.output.silence()
             self._end_early("the caller raised")
             self._kill_now()
             self._reap(block=True)

@@ -16,6 +16,7 @@ import pytest
 from chiffon_worker.context import TaskContext, enter_task, leave_task
 from chiffon_worker.process import ProcessResult, run_process
 from chiffon_worker.protocol import WorkRequest, WorkStatus
+from tests.helpers.leftovers import processes_with, sleep_token
 
 
 @dataclass
@@ -44,15 +45,6 @@ def make_context(record: Record, kill_grace: float = 10.0) -> TaskContext:
         pass
 
     return TaskContext(request, record, threading.Event(), post, kill_grace=kill_grace)
-
-
-def processes_with(token: str) -> list[int]:
-    """Live processes whose command line holds `token` (zombies have none)."""
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if token in " ".join(proc.info["cmdline"] or []):
-            found.append(proc.pid)
-    return found
 
 
 def cancel_after(record: Record, seconds: float, reason: str) -> threading.Timer:
@@ -98,10 +90,10 @@ def test_fifty_megabytes_without_a_newline_are_cut_not_kept() -> None:
 
 
 def test_a_child_that_closes_its_output_but_runs_on_is_still_ended_by_the_timeout() -> None:
-    token = f"closed-{uuid.uuid4().hex}"
+    token = sleep_token()
     started = time.monotonic()
 
-    result = run_process(["sh", "-c", f"exec >&- 2>&-; sleep 60 # {token}"], timeout=1, grace=1)
+    result = run_process(["sh", "-c", f"exec >&- 2>&-; sleep 60 {token}"], timeout=1, grace=1)
 
     assert time.monotonic() - started < 4
     assert result.timed_out
@@ -113,10 +105,10 @@ def test_a_child_that_closes_its_output_but_runs_on_is_still_ended_by_the_timeou
 def test_a_cancel_ends_a_child_that_obeys_sigterm_within_a_second() -> None:
     record = Record()
     context = make_context(record, kill_grace=10)
-    token = f"obeys-{uuid.uuid4().hex}"
+    token = sleep_token()
     timer = cancel_after(record, 0.5, "operator said stop")
     try:
-        result = run_process(["sh", "-c", f"sleep 60 # {token}"], task=context)
+        result = run_process(["sh", "-c", f"sleep 60 {token}"], task=context)
     finally:
         timer.cancel()
 
@@ -128,42 +120,55 @@ def test_a_cancel_ends_a_child_that_obeys_sigterm_within_a_second() -> None:
 
 
 def test_the_whole_tree_dies_even_descendants_in_their_own_session_ignoring_sigterm() -> None:
-    token = uuid.uuid4().hex
+    token = sleep_token()
     # One grandchild in its own session that ignores SIGTERM, and one started
     # by a subshell that exits at once: reparented to init, found by the mark.
     script = (
-        f"setsid sh -c 'trap \"\" TERM; sleep 120 # {token}-a' & "
-        f"(setsid sleep 121 {token}-b >/dev/null 2>&1 &) ; "
-        f"sleep 60 # {token}-main"
+        f"setsid sh -c 'trap \"\" TERM; sleep 120 {token}' & "
+        f"(setsid sleep 121 {token} >/dev/null 2>&1 &) ; "
+        f"sleep 60 {token}"
     )
     record = Record()
     context = make_context(record, kill_grace=1)
+    sleeping: list[int] = []
+
+    def count_then_cancel() -> None:
+        sleeping[:] = [p for p in processes_with(token) if psutil.Process(p).name() == "sleep"]
+        record.cancel("time limit of 1 s exceeded", timed_out=True)
+
     # Started in a task, as the runtime runs work: the current task's flag counts.
     token_ctx = enter_task(context)
-    timer = None
+    timer = threading.Timer(1.0, count_then_cancel)
     try:
-        timer = cancel_after(record, 1.0, "time limit of 1 s exceeded")
-        record.timed_out = True
+        timer.start()
         result = run_process(["sh", "-c", script])
     finally:
         leave_task(token_ctx)
-        if timer is not None:
-            timer.cancel()
+        timer.cancel()
 
+    assert len(sleeping) == 3, "the three sleeps were not all running when the cancel came"
     assert result.killed
+    assert result.timed_out
     # The cancel came at 1 s; then 1 s of grace; then SIGKILL.
     assert result.duration_ms / 1000 < 1.0 + 1.0 + 2.0
     assert processes_with(token) == []
 
 
 def test_an_exception_from_on_line_kills_the_child_and_propagates() -> None:
-    token = f"raising-{uuid.uuid4().hex}"
+    token = sleep_token()
 
-    def explode(_stream: str, _line: str) -> None:
+    calls = []
+
+    def explode(_stream: str, line: str) -> None:
+        calls.append(line)
         raise ValueError("bad line")
 
+    # The partial line left at the end must not make on_line raise a second time.
+    script = f"printf 'first\\npartial'; sleep 60 {token}"
     with pytest.raises(ValueError, match="bad line"):
-        run_process(["sh", "-c", f"echo first; sleep 60 # {token}"], on_line=explode)
+        run_process(["sh", "-c", script], on_line=explode)
+
+    assert calls == ["first"]
 
     assert processes_with(token) == []
 

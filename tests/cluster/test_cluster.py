@@ -19,6 +19,7 @@ from typing import Any
 import pika
 import pytest
 
+from chiffon_worker.ctl import ControlClient
 from tests.cluster.conftest import (
     Collector,
     Operator,
@@ -147,10 +148,12 @@ def test_a_classic_queue_whose_node_stops_is_named_heartbeats_go_on_and_it_is_co
     operator = Operator(cluster.url(1, vhost))
     operator.declare(queue_type=None, work_queue=False)  # reply_queue lives on node 1
     urls = cluster.urls(vhost)
-    worker = spawn("worker", urls, agent_id=agent_landing_on(urls, urls[2]), heartbeat_interval=1)
+    agent_id = agent_landing_on(urls, urls[2])
+    worker = spawn("worker", urls, agent_id=agent_id, heartbeat_interval=1)
     _, connected = wait_for_record(worker, "connected to broker", 30)
     assert connected["node"] == cluster.node(3).address
     assert cluster.queue_home("work_queue", vhost) == 3  # the worker declared it there
+    # So did its control queue: both are away while node 3 is.
     collector = Collector(cluster.url(1, vhost))
     operator.channel.confirm_delivery()
     requests = [work_request("slow_echo", {"seconds": 0.5}, priority=4) for _ in range(10)]
@@ -177,6 +180,11 @@ def test_a_classic_queue_whose_node_stops_is_named_heartbeats_go_on_and_it_is_co
         lambda: len(collector.heartbeats) >= beats_before + 3, 15, "heartbeats from another node"
     )
     answered_while_down = len(collector.results)
+    # Commands still reach the worker, through the stand-in for its control queue.
+    wait_for_record(worker, "control queue unavailable", 15, after=mark)
+    with ControlClient(cluster.url(1, vhost)) as control:
+        answers = control.ping(agent_ids=[agent_id], timeout=10)
+    assert [answer.agent_id for answer in answers] == [agent_id]
 
     cluster.start_app(3)
     back_at = time.monotonic()

@@ -45,6 +45,7 @@ class TaskContext:
         "_stop",
         "children_cpu_time_ms",
         "children_memory_peak_mb",
+        "children_tree_rss_peak_mb",
         "kill_grace",
         "request",
     )
@@ -67,6 +68,7 @@ class TaskContext:
         # What the task's child processes used (run_process adds each one's).
         self.children_cpu_time_ms = 0
         self.children_memory_peak_mb = 0.0
+        self.children_tree_rss_peak_mb = 0.0
 
     def report_progress(self, percent: float, step_name: str, output: str = "") -> None:
         """Send a WorkStatus for this task (queued; never blocks on the broker)."""
@@ -94,11 +96,24 @@ class TaskContext:
         """True once the task was ended by its time limit (max_duration_seconds)."""
         return self._record.timed_out
 
-    def add_child_usage(self, cpu_time_ms: int, memory_peak_mb: float) -> None:
+    def add_child_usage(
+        self, cpu_time_ms: int, memory_peak_mb: float, tree_rss_peak_mb: float = 0.0
+    ) -> None:
         """Count a child process's CPU time and peak memory into the task's resources."""
         with _CHILD_USAGE_LOCK:
             self.children_cpu_time_ms += cpu_time_ms
             self.children_memory_peak_mb = max(self.children_memory_peak_mb, memory_peak_mb)
+            self.children_tree_rss_peak_mb = max(self.children_tree_rss_peak_mb, tree_rss_peak_mb)
+
+    def children_usage(self) -> dict[str, int | float]:
+        """What every child process of the task used together ({} when none ran)."""
+        if not (self.children_cpu_time_ms or self.children_memory_peak_mb):
+            return {}
+        return {
+            "children_cpu_time_ms": self.children_cpu_time_ms,
+            "children_memory_peak_mb": self.children_memory_peak_mb,
+            "children_tree_rss_peak_mb": self.children_tree_rss_peak_mb,
+        }
 
     def run_process(self, argv: Sequence[str], **options: Any) -> ProcessResult:
         """`chiffon_worker.process.run_process` for this task, from any thread; see there."""

@@ -473,7 +473,9 @@ class _Run:
             lines_cut=self.output.lines_cut,
         )
         if self.context is not None:
-            self.context.add_child_usage(result.cpu_time_ms, result.memory_peak_mb)
+            self.context.add_child_usage(
+                result.cpu_time_ms, result.memory_peak_mb, result.tree_rss_peak_mb
+            )
         logger.info(
             "process ended",
             extra={

@@ -63,10 +63,10 @@ class TaskRunner:
             "cpu_time_ms": int(cpu_used * 1000) + context.children_cpu_time_ms,
             "memory_peak_mb": peak_memory_mb(),
         }
-        if context.children_cpu_time_ms or context.children_memory_peak_mb:
-            resources["children_cpu_time_ms"] = context.children_cpu_time_ms
-            resources["children_memory_peak_mb"] = context.children_memory_peak_mb
         resources.update(result.resources_used)
+        # After the work's own figures: a result built from one of several
+        # processes (ProcessResult.work_result) must not hide the others.
+        resources.update(context.children_usage())
         return result.model_copy(
             update={
                 "duration_ms": int(elapsed * 1000),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import threading
 import time
 import uuid
@@ -580,3 +581,22 @@ def test_serve_shows_a_bug_in_the_users_init_with_its_traceback_and_exits_70(
     assert record.exc_info is not None
     assert isinstance(record.exc_info[1], TypeError)
     assert "typo in my own __init__" in caplog.text
+
+
+def test_every_child_process_of_a_task_counts_even_when_the_result_is_one_of_them() -> None:
+    burn = "import time\nend = time.process_time() + 0.2\nwhile time.process_time() < end: pass\n"
+
+    class TwoSteps(EchoWorker):
+        def execute_work(self, request: WorkRequest) -> WorkResult:
+            first = self.task.run_process([sys.executable, "-c", burn])
+            second = self.task.run_process([sys.executable, "-c", burn])
+            self.seen = (first.cpu_time_ms, second.cpu_time_ms)
+            return second.work_result(request)  # carries only the second's figures
+
+    worker = TwoSteps(Settings())
+    result = runner_for(worker)(task_for(request("echo", message="two")))
+
+    assert result.status == "completed"
+    both = sum(worker.seen)
+    assert result.resources_used["children_cpu_time_ms"] == both
+    assert result.resources_used["cpu_time_ms"] >= both

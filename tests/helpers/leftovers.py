@@ -1,9 +1,8 @@
-"""Finding what work left behind: processes by a token on their command line, log lines."""
+"""What work left behind: processes by a token on their command line; waiting for log lines."""
 
 from __future__ import annotations
 
 import random
-from typing import Any
 
 import psutil
 
@@ -31,12 +30,8 @@ def processes_with(token: str) -> list[int]:
     ]
 
 
-def logged(worker: WorkerProcess, message: str) -> list[dict[str, Any]]:
-    return [r for r in worker.records() if r.get("message") == message]
-
-
 def wait_logged(
     orchestrator: Orchestrator, worker: WorkerProcess, message: str, timeout: float = 20
 ) -> None:
     """Service the orchestrator's connection until the worker has logged `message`."""
-    orchestrator.wait_until(lambda: bool(logged(worker, message)), timeout, repr(message))
+    orchestrator.wait_until(lambda: bool(worker.logged(message)), timeout, repr(message))

@@ -84,6 +84,10 @@ class WorkerProcess:
     def messages(self) -> list[str]:
         return [r.get("message", r.get("raw", "")) for r in self.records()]
 
+    def logged(self, message: str) -> list[dict[str, Any]]:
+        """The JSON log records whose message is exactly `message`."""
+        return [r for r in self.records() if r.get("message") == message]
+
 
 class Launcher:
     """Starts worker processes logging under `log_dir`; leaving the `with` kills what is left."""

@@ -56,10 +56,6 @@ def orchestrator(node: PrivateNode) -> Iterator[Orchestrator]:
         yield peer
 
 
-def _logged(worker: WorkerProcess, message: str) -> list[dict[str, Any]]:
-    return [r for r in worker.records() if r.get("message") == message]
-
-
 def _busy(orchestrator: Orchestrator, request: dict[str, Any]) -> bool:
     task_id = request["payload"]["task_id"]
     return any(
@@ -91,9 +87,9 @@ def test_a_stop_during_a_broker_alarm_ends_within_the_shutdown_timeout_and_feeds
 
     alarm()
     # The next heartbeat (every second) is what gets the connection blocked.
-    orchestrator.wait_until(lambda: bool(_logged(worker, BLOCKED)), 15, "the worker to be blocked")
+    orchestrator.wait_until(lambda: bool(worker.logged(BLOCKED)), 15, "the worker to be blocked")
     orchestrator.wait_until(
-        lambda: bool(_logged(worker, "work finished")), 15, "the task to finish while blocked"
+        lambda: bool(worker.logged("work finished")), 15, "the task to finish while blocked"
     )
     # Blocked and idle for a while: a healthy worker keeps feeding the watchdog.
     quiet_until = time.monotonic() + 3
@@ -110,7 +106,7 @@ def test_a_stop_during_a_broker_alarm_ends_within_the_shutdown_timeout_and_feeds
     assert code == 0, worker.messages()[-10:]
     assert took <= SHUTDOWN_TIMEOUT + STOP_MARGIN_S, worker.messages()[-10:]
     assert gap <= MAX_WATCHDOG_GAP_S, (notify.pings(), worker.messages()[-10:])
-    stopped = _logged(worker, "stopped") or _logged(worker, "stopped while disconnected")
+    stopped = worker.logged("stopped") or worker.logged("stopped while disconnected")
     assert stopped, worker.messages()[-10:]
     # The result of the task that finished while blocked never reached the broker.
     assert stopped[-1]["unsent"] >= 1, stopped
@@ -128,17 +124,16 @@ def test_a_worker_blocked_past_the_blocked_timeout_reconnects_and_serves_after_t
     alarm()
     orchestrator.wait_until(
         lambda: any(
-            "blocked" in str(r.get("reason", "")).lower()
-            for r in _logged(worker, "connection lost")
+            "blocked" in str(r.get("reason", "")).lower() for r in worker.logged("connection lost")
         ),
         20,
         "the blocked timeout to drop the connection",
     )
     node.clear_memory_alarm()
-    connected = len(_logged(worker, "connected to broker"))
+    connected = len(worker.logged("connected to broker"))
     task = work_request("echo", {"message": "after the alarm"})
     orchestrator.publish(task)
     assert orchestrator.wait_for_result(task, timeout=30)["payload"]["status"] == "completed"
-    assert len(_logged(worker, "connected to broker")) >= max(connected, 2)
+    assert len(worker.logged("connected to broker")) >= max(connected, 2)
     assert notify.max_gap(watched_from, time.monotonic()) <= MAX_WATCHDOG_GAP_S
     assert worker.stop(timeout=SHUTDOWN_TIMEOUT + 10) == 0

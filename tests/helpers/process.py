@@ -17,6 +17,21 @@ from chiffon_worker.service import WorkerService
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def run_cli(url: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`chiffon-worker ARGS` as an operator runs it, the broker URL from the environment."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHIFFON_")}
+    env["CHIFFON_AMQP_URL"] = url
+    return subprocess.run(
+        [sys.executable, "-m", "chiffon_worker", *args],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 class WorkerProcess:
     def __init__(self, url: str, log_path: Path, **settings: Any) -> None:
         self.log_path = log_path

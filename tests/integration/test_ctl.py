@@ -9,10 +9,8 @@ written from PROTOCOL.md alone (below), as the original orchestrator's would.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -35,7 +33,7 @@ from chiffon_worker import __version__
 from chiffon_worker.ctl import build_command, cancel_parameters
 from chiffon_worker.errors import EXIT_FAILED, EXIT_NOPERM, EXIT_OK, EXIT_UNAVAILABLE
 from tests.helpers.broker import Orchestrator, Vhost, work_request
-from tests.helpers.process import REPO_ROOT, WorkerProcess
+from tests.helpers.process import WorkerProcess, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -47,18 +45,7 @@ CLI_TIMEOUT_S = 60
 
 
 def chiffon(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """The real command line, as an operator runs it (the URL from the environment)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHIFFON_")}
-    env["CHIFFON_AMQP_URL"] = url
-    return subprocess.run(
-        [sys.executable, "-m", "chiffon_worker", *args],
-        env=env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT_S,
-        check=False,
-    )
+    return run_cli(url, *args, timeout=CLI_TIMEOUT_S)
 
 
 def serving(*workers: WorkerProcess, timeout: float = 30) -> None:

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Callable
 
 import pytest
 
 from tests.helpers.broker import Orchestrator, Vhost, rabbitmqctl, work_request
-from tests.helpers.process import REPO_ROOT, WorkerProcess
+from tests.helpers.process import WorkerProcess, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -19,16 +17,7 @@ Spawn = Callable[..., WorkerProcess]
 
 
 def _cli(vhost: Vhost, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHIFFON_")}
-    env["CHIFFON_AMQP_URL"] = vhost.url()
-    return subprocess.run(
-        [sys.executable, "-m", "chiffon_worker", *args],
-        env=env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_cli(vhost.url(), *args, timeout=timeout)
 
 
 def test_send_wait_prints_the_echo_result(vhost: Vhost, spawn: Spawn) -> None:
